@@ -1,0 +1,185 @@
+//! Catalog queries on the regular connection: what `pgds check` verifies and what the pipeline
+//! needs at start-up (primary keys, user types, the user set).
+
+use std::collections::HashMap;
+
+use tokio_postgres::Client;
+
+use crate::config::TableName;
+use crate::source::value::{TypeDesc, TypeRegistry};
+
+/// A table as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    pub oid: u32,
+    /// `d` default, `n` nothing, `f` full, `i` index.
+    pub replica_identity: char,
+    pub owned: bool,
+    pub can_select: bool,
+    /// Column names in attribute order.
+    pub columns: Vec<String>,
+    pub primary_key: Vec<String>,
+    /// The columns an UPDATE or DELETE carries in its old row.
+    pub identity: Vec<String>,
+}
+
+impl TableInfo {
+    pub fn has_column(&self, name: &str) -> bool {
+        self.columns.iter().any(|c| c == name)
+    }
+
+    /// Whether the old row of an UPDATE or DELETE carries `column`.
+    pub fn identity_covers(&self, column: &str) -> bool {
+        self.replica_identity == 'f' || self.identity.iter().any(|c| c == column)
+    }
+}
+
+/// Look a table up; `None` when it does not exist.
+pub async fn table_info(
+    client: &Client,
+    table: &TableName,
+) -> Result<Option<TableInfo>, tokio_postgres::Error> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text, pg_has_role(c.relowner, 'USAGE'), \
+                    has_table_privilege(c.oid, 'SELECT') \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&table.schema, &table.name],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let oid: u32 = row.get(0);
+    let ident: String = row.get(1);
+    let columns = client
+        .query(
+            "SELECT attname::text FROM pg_attribute \
+             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[&oid],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let index_columns = |flag: &'static str| async move {
+        let sql = format!(
+            "SELECT a.attname::text FROM pg_index i \
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.{flag} ORDER BY k.ord"
+        );
+        client.query(&sql, &[&oid]).await.map(|rows| {
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        })
+    };
+    let primary_key = index_columns("indisprimary").await?;
+    let replica_identity = ident.chars().next().unwrap_or('d');
+    let identity = match replica_identity {
+        'd' => primary_key.clone(),
+        'i' => index_columns("indisreplident").await?,
+        _ => Vec::new(),
+    };
+    Ok(Some(TableInfo {
+        oid,
+        replica_identity,
+        owned: row.get(2),
+        can_select: row.get(3),
+        columns,
+        primary_key,
+        identity,
+    }))
+}
+
+/// A server setting (`SHOW`).
+pub async fn setting(client: &Client, name: &str) -> Result<String, tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT current_setting($1)", &[&name])
+        .await?;
+    Ok(row.get(0))
+}
+
+/// Whether the connected role may stream replication.
+pub async fn can_replicate(client: &Client) -> Result<(String, bool), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT rolname::text, rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Register the user-defined types (enums, domains, arrays of them…) with the registry.
+/// Built-in types (OIDs below 16384) are already known to it.
+pub async fn load_types(
+    client: &Client,
+    registry: &mut TypeRegistry,
+) -> Result<(), tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT oid, typname::text, typtype::text, typelem, typbasetype, typdelim::text \
+             FROM pg_type WHERE oid >= 16384",
+            &[],
+        )
+        .await?;
+    for r in rows {
+        let byte = |i: usize| r.get::<_, String>(i).bytes().next().unwrap_or(b',');
+        registry.insert(
+            r.get(0),
+            TypeDesc {
+                name: r.get(1),
+                typtype: byte(2),
+                elem: r.get(3),
+                base: r.get(4),
+                delim: byte(5),
+            },
+        );
+    }
+    Ok(())
+}
+
+/// The primary key columns of each table that has one.
+pub async fn primary_keys(
+    client: &Client,
+    tables: impl IntoIterator<Item = &TableName>,
+) -> Result<HashMap<TableName, Vec<String>>, tokio_postgres::Error> {
+    let mut keys = HashMap::new();
+    for t in tables {
+        if let Some(info) = table_info(client, t).await?
+            && !info.primary_key.is_empty()
+        {
+            keys.insert(t.clone(), info.primary_key);
+        }
+    }
+    Ok(keys)
+}
+
+/// Every user id in the users table, as text.
+pub async fn load_users(
+    client: &Client,
+    table: &TableName,
+    column: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT {}::text FROM {}.{} WHERE {} IS NOT NULL",
+        quote_ident(column),
+        quote_ident(&table.schema),
+        quote_ident(&table.name),
+        quote_ident(column)
+    );
+    let rows = client.query(&sql, &[]).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Quote an identifier for SQL (names come from validated config, still never trusted).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+pub fn quote_table(t: &TableName) -> String {
+    format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name))
+}
