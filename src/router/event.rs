@@ -1,0 +1,133 @@
+//! The State Protocol events pgds emits, serialized once and shared by every target stream.
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::ser::SerializeMap;
+use serde_json::Value;
+
+/// What a change did to a row, as seen by one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Insert => "insert",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+        }
+    }
+}
+
+/// Transaction facts every event of the transaction carries in its headers.
+#[derive(Debug, Clone)]
+pub struct TxMeta {
+    pub xid: String,
+    /// Commit time, RFC 3339 in UTC.
+    pub timestamp: String,
+    /// Commit LSN as Postgres prints it (`X/Y`).
+    pub lsn: String,
+}
+
+/// A row value to serialize: column names and values, excluded columns already skipped.
+pub struct RowValue<'a> {
+    pub columns: &'a [(&'a str, &'a Value)],
+}
+
+impl Serialize for RowValue<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.columns.len()))?;
+        for (name, value) in self.columns {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+struct Headers<'a> {
+    operation: &'static str,
+    txid: &'a str,
+    timestamp: &'a str,
+    lsn: &'a str,
+    /// Columns whose unchanged TOAST value was not sent and is absent from `value`: a client
+    /// must keep its current value for them (merge instead of replace).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    unchanged: &'a [&'a str],
+}
+
+#[derive(Serialize)]
+struct Event<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<RowValue<'a>>,
+    headers: Headers<'a>,
+}
+
+/// Serialize one change event. `value` is required for insert and update, absent for delete.
+pub fn change_event(
+    kind: &str,
+    key: &str,
+    operation: Operation,
+    value: Option<RowValue<'_>>,
+    unchanged: &[&str],
+    tx: &TxMeta,
+) -> Bytes {
+    let event = Event {
+        kind,
+        key,
+        value,
+        headers: Headers {
+            operation: operation.as_str(),
+            txid: &tx.xid,
+            timestamp: &tx.timestamp,
+            lsn: &tx.lsn,
+            unchanged,
+        },
+    };
+    // Serializing borrowed strings and `Value`s into a Vec cannot fail.
+    Bytes::from(serde_json::to_vec(&event).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn insert_and_delete_shapes() {
+        let tx = TxMeta {
+            xid: "771".into(),
+            timestamp: "2026-11-29T10:30:00.123456Z".into(),
+            lsn: "0/16B3748".into(),
+        };
+        let id = json!(42);
+        let title = json!("milk");
+        let cols = [("id", &id), ("title", &title)];
+        let insert = change_event(
+            "todos",
+            "42",
+            Operation::Insert,
+            Some(RowValue { columns: &cols }),
+            &[],
+            &tx,
+        );
+        let parsed: Value = serde_json::from_slice(&insert).unwrap();
+        assert_eq!(
+            parsed,
+            json!({"type":"todos","key":"42","value":{"id":42,"title":"milk"},
+                   "headers":{"operation":"insert","txid":"771",
+                              "timestamp":"2026-11-29T10:30:00.123456Z","lsn":"0/16B3748"}})
+        );
+        let delete = change_event("todos", "42", Operation::Delete, None, &[], &tx);
+        let parsed: Value = serde_json::from_slice(&delete).unwrap();
+        assert!(parsed.get("value").is_none());
+        assert_eq!(parsed["headers"]["operation"], "delete");
+    }
+}
