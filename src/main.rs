@@ -1,0 +1,170 @@
+//! The `pgds` command line: `run` (the sidecar) and `check` (validate config and database).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use pgds::config::{Config, LogFormat};
+use pgds::pipeline::{self, PipelineError};
+use pgds::{check, source};
+
+/// Exit code for a configuration that cannot be loaded.
+const EXIT_CONFIG: u8 = 2;
+/// Exit code for a database that is not ready (check failed).
+const EXIT_CHECK: u8 = 3;
+/// Exit code for a runtime failure.
+const EXIT_RUNTIME: u8 = 1;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Stream PostgreSQL changes to per-user Durable Streams"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar: replicate, route and append until SIGINT/SIGTERM.
+    Run {
+        /// The TOML configuration file (keys can be overridden by PGDS__SECTION__KEY).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate the configuration and the database, print each problem with its fix.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = match &cli.command {
+        Command::Run { config } | Command::Check { config } => config,
+    };
+    let cfg = match Config::load(path) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("pgds: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing(cfg.log.format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgds: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Run { .. } => run(cfg).await,
+            Command::Check { .. } => check_command(cfg).await,
+        }
+    })
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(cfg: Config) -> ExitCode {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if let Err(e) = wait_for_signal().await {
+            error!(error = %e, "cannot listen for signals");
+            return;
+        }
+        let _ = stop_tx.send(true);
+    });
+    info!(version = env!("CARGO_PKG_VERSION"), "pgds starting");
+    match pipeline::run(cfg, stop_rx).await {
+        Ok(()) => {
+            info!("pgds stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e @ PipelineError::Check(_)) => {
+            error!("{e}");
+            ExitCode::from(EXIT_CHECK)
+        }
+        Err(e) => {
+            error!(error = %format_chain(&e), "pgds stopped on an error");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+async fn check_command(cfg: Config) -> ExitCode {
+    println!("configuration: ok ({} tables)", cfg.tables.len());
+    let client = match source::connect::connect(&cfg.postgres.conn, "pgds-check").await {
+        Ok(c) => c,
+        Err(e) => {
+            println!("problem: {}", format_chain(&e));
+            return ExitCode::from(EXIT_CHECK);
+        }
+    };
+    let report = match check::check_database(&cfg, &client).await {
+        Ok(r) => r,
+        Err(e) => {
+            println!("problem: database query failed: {}", format_chain(&e));
+            return ExitCode::from(EXIT_CHECK);
+        }
+    };
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    let mut problems: Vec<String> = report.problems.clone();
+    problems.extend(report.slot_busy.as_ref().map(ToString::to_string));
+    for problem in &problems {
+        println!("problem: {problem}");
+    }
+    if problems.is_empty() {
+        println!("database: ok");
+        ExitCode::SUCCESS
+    } else {
+        println!("{} problem(s) found", problems.len());
+        ExitCode::from(EXIT_CHECK)
+    }
+}
+
+/// An error with its sources, on one line.
+fn format_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,568 @@
+//! Wiring: prepare the database side, then run replication sessions until shutdown.
+//!
+//! One session = one replication connection, one writer, one tracker, started from the stored
+//! checkpoint. The session task reads the replication stream, decodes, routes and assembles
+//! parts for the writer over a bounded channel (a slow sink pauses replication rather than
+//! buffering), and folds the writer's acknowledgements into the checkpoint, which alone is
+//! reported to Postgres and stored. A transient failure (connection lost, server restarting)
+//! ends the session and a new one starts, after a backoff, from the stored checkpoint; the
+//! streams server refuses what the previous session already wrote.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::assemble::Assembler;
+use crate::check;
+use crate::checkpoint::{Tracker, store};
+use crate::config::Config;
+use crate::lsn::Lsn;
+use crate::router::event::TxMeta;
+use crate::router::{Change, OldRow, RouteError, Router};
+use crate::source::connect::{self, ConnectError, SESSION_OPTIONS};
+use crate::source::pgoutput::{self, Message, OldTuple};
+use crate::source::slot::{self, SlotError, SlotState};
+use crate::source::value::TypeRegistry;
+use crate::source::{RelationCache, catalog, commit_time_rfc3339, tuple_fields};
+use crate::writer::part::{Part, TxToken};
+use crate::writer::{Writer, WriterError, WriterSettings};
+
+const APPLICATION_NAME: &str = "pgds";
+/// Parts between the session and the writer: the writer buffers up to `batch.max_buffered_bytes`
+/// behind this, so the channel itself only smooths hand-over.
+const PART_CHANNEL: usize = 256;
+/// How often the checkpoint table is written while the checkpoint moves.
+const CHECKPOINT_SAVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a graceful shutdown waits for in-flight appends.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a first start waits for a slot held by another session before giving up.
+const SLOT_BUSY_WAIT: Duration = Duration::from_secs(15);
+
+/// Why the pipeline stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The database cannot serve the configuration: the operator must fix something.
+    #[error("the database is not ready for pgds:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Check(Vec<String>),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    #[error("database error: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("replication: {0}")]
+    Replication(#[from] pgwire_replication::PgWireError),
+    #[error("cannot decode a replication message at {lsn}: {source}")]
+    Decode {
+        lsn: Lsn,
+        #[source]
+        source: pgoutput::DecodeError,
+    },
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error(transparent)]
+    Writer(#[from] WriterError),
+    #[error("the replication stream ended unexpectedly")]
+    StreamEnded,
+    #[error("in-flight appends did not finish within {0:?} of the shutdown request")]
+    ShutdownTimeout(Duration),
+}
+
+impl PipelineError {
+    /// Whether a new session may succeed where this one failed: connection-level failures and
+    /// a server that is shutting down or starting (SQLSTATE classes 08, 53, 57P).
+    pub fn is_transient(&self) -> bool {
+        let transient_state = |code: &str| {
+            code.starts_with("08") || code.starts_with("53") || code.starts_with("57P")
+        };
+        match self {
+            PipelineError::Connect(e) => e.code().is_none_or(|c| transient_state(c.code())),
+            PipelineError::Db(e) => {
+                e.is_closed() || e.code().is_none_or(|c| transient_state(c.code()))
+            }
+            PipelineError::Replication(e) => {
+                e.is_transient() || sqlstate(e).is_some_and(transient_state)
+            }
+            PipelineError::StreamEnded => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the slot is held by another session (SQLSTATE 55006 object_in_use).
+    pub fn is_slot_busy(&self) -> bool {
+        match self {
+            PipelineError::Slot(SlotError::InUse { .. }) => true,
+            PipelineError::Replication(e) => sqlstate(e) == Some("55006"),
+            _ => false,
+        }
+    }
+}
+
+/// The SQLSTATE of a server error reported by the replication session (which formats it into
+/// its message as `SQLSTATE xxxxx`).
+fn sqlstate(e: &pgwire_replication::PgWireError) -> Option<&str> {
+    let pgwire_replication::PgWireError::Server(text) = e else {
+        return None;
+    };
+    let at = text.find("SQLSTATE ")? + "SQLSTATE ".len();
+    text.get(at..at + 5)
+}
+
+/// Everything prepared once per process start.
+struct Prepared {
+    router_keys: HashMap<crate::config::TableName, Vec<String>>,
+    types: TypeRegistry,
+}
+
+/// Run until `shutdown` turns true. Ok(()) after a graceful shutdown.
+pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), PipelineError> {
+    let cfg = Arc::new(cfg);
+    let mut backoff = Duration::from_millis(500);
+    let mut started = false;
+    let mut busy_since: Option<Instant> = None;
+    loop {
+        let result = async {
+            let client = connect::connect(&cfg.postgres.conn, APPLICATION_NAME).await?;
+            let prepared = prepare(&cfg, &client).await?;
+            session(&cfg, &prepared, client, shutdown.clone(), &mut started).await
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            // A slot held by another session: the walsender of a pgds that just died lingers
+            // until Postgres notices; another live pgds holds it for good. Wait a little on
+            // the first start (then fail: two pgds must not share a slot), always when
+            // reconnecting.
+            Err(e) if e.is_slot_busy() && !*shutdown.borrow() => {
+                let since = *busy_since.get_or_insert_with(Instant::now);
+                if !started && since.elapsed() > SLOT_BUSY_WAIT {
+                    return Err(e);
+                }
+                debug!(error = %e, "slot busy, waiting");
+                tokio::select! {
+                    _ = shutdown.changed() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            Err(e) if e.is_transient() && !*shutdown.borrow() => {
+                busy_since = None;
+                warn!(error = %e, retry_in = ?backoff, "session ended, reconnecting");
+                tokio::select! {
+                    _ = shutdown.changed() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Check the database, apply migrations, set up publication and slot, load catalog facts.
+async fn prepare(cfg: &Config, client: &tokio_postgres::Client) -> Result<Prepared, PipelineError> {
+    if cfg.postgres.set_replica_identity_full {
+        for table in check::tables_needing_full_identity(cfg, client).await? {
+            client
+                .batch_execute(&format!(
+                    "ALTER TABLE {} REPLICA IDENTITY FULL",
+                    catalog::quote_table(&table)
+                ))
+                .await?;
+            info!(%table, "set REPLICA IDENTITY FULL");
+        }
+    }
+    let report = check::check_database(cfg, client).await?;
+    if !report.is_ok() {
+        return Err(PipelineError::Check(report.problems));
+    }
+    if let Some(busy) = report.slot_busy {
+        return Err(busy.into());
+    }
+    store::migrate(client).await?;
+    let tables = check::replicated_tables(cfg);
+    slot::ensure_publication(client, &cfg.postgres.publication, &tables).await?;
+    if slot::ensure_slot(client, &cfg.postgres.slot).await? == SlotState::Created {
+        store::reset(client, &cfg.postgres.slot).await?;
+    }
+    let router_keys = catalog::primary_keys(client, cfg.tables.iter().map(|t| &t.table)).await?;
+    let mut types = TypeRegistry::new();
+    catalog::load_types(client, &mut types).await?;
+    Ok(Prepared { router_keys, types })
+}
+
+fn writer_settings(cfg: &Config) -> WriterSettings {
+    WriterSettings {
+        base_url: cfg.streams.base_url.clone(),
+        token: cfg.streams.token.clone(),
+        max_batch_bytes: cfg.batch.max_bytes,
+        linger: cfg.batch.linger,
+        max_in_flight: cfg.batch.max_in_flight,
+        max_buffered_bytes: cfg.batch.max_buffered_bytes,
+        request_timeout: cfg.batch.request_timeout,
+        max_backoff: cfg.batch.max_backoff,
+    }
+}
+
+/// The transaction being received.
+struct OpenTx {
+    token: TxToken,
+    meta: TxMeta,
+}
+
+/// One replication session; Ok(()) only after a graceful shutdown.
+async fn session(
+    cfg: &Arc<Config>,
+    prepared: &Prepared,
+    client: tokio_postgres::Client,
+    mut shutdown: watch::Receiver<bool>,
+    started: &mut bool,
+) -> Result<(), PipelineError> {
+    let pg = &cfg.postgres;
+    let start = store::load(&client, &pg.slot).await?.unwrap_or(Lsn::ZERO);
+
+    let mut router = Router::new(
+        cfg.tables.clone(),
+        cfg.users.clone(),
+        prepared.router_keys.clone(),
+    );
+    if let Some(u) = &cfg.users {
+        router.set_users(catalog::load_users(&client, &u.table, &u.column).await?);
+    }
+
+    let repl = ReplicationConfig::new(
+        pg.conn.host.clone(),
+        pg.conn.user.clone(),
+        pg.conn.password().to_owned(),
+        pg.conn.dbname.clone(),
+        pg.slot.clone(),
+        pg.publication.clone(),
+    )
+    .with_port(pg.conn.port)
+    .with_tls(connect::replication_tls(&pg.conn))
+    .with_start_lsn(start.into())
+    .with_options(SESSION_OPTIONS)
+    .with_status_interval(Duration::from_secs(1))
+    .with_application_name(APPLICATION_NAME);
+    let mut repl = ReplicationClient::connect(repl).await?;
+    repl.wait_started().await?;
+    *started = true;
+    info!(slot = %pg.slot, publication = %pg.publication, %start, "replication started");
+
+    let writer = Writer::new(writer_settings(cfg))?;
+    let (part_tx, part_rx) = mpsc::channel::<Part>(PART_CHANNEL);
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+    let mut writer_task = tokio::spawn(writer.run(part_rx, ack_tx));
+
+    let (ckpt_tx, ckpt_rx) = watch::channel(start);
+    let saver = tokio::spawn(save_checkpoints(client, pg.slot.clone(), ckpt_rx));
+
+    let mut state = SessionState {
+        router,
+        relations: RelationCache::default(),
+        types: &prepared.types,
+        assembler: Assembler::new(
+            cfg.batch.max_bytes,
+            (cfg.batch.max_buffered_bytes / 4).max(cfg.batch.max_bytes),
+        ),
+        tracker: Tracker::new(start),
+        paths: HashMap::new(),
+        open: None,
+        parts: Vec::new(),
+        published: start,
+        cfg: cfg.clone(),
+    };
+    let mut part_tx = Some(part_tx);
+
+    let outcome: Result<(), PipelineError> = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                info!("shutdown requested: stopping replication and flushing");
+                break Ok(());
+            }
+            Some(tx) = ack_rx.recv() => {
+                state.tracker.ack(tx);
+                state.publish(&repl, &ckpt_tx);
+            }
+            done = &mut writer_task => {
+                break Err(match done {
+                    Ok(Err(e)) => e.into(),
+                    _ => PipelineError::StreamEnded,
+                });
+            }
+            ev = repl.recv() => {
+                let Some(tx) = part_tx.as_ref() else { break Err(PipelineError::StreamEnded) };
+                match ev {
+                    Ok(Some(ev)) => {
+                        if let Err(e) = state.handle(ev, tx).await {
+                            break Err(e);
+                        }
+                        state.publish(&repl, &ckpt_tx);
+                    }
+                    Ok(None) => break Err(PipelineError::StreamEnded),
+                    Err(e) => break Err(e.into()),
+                }
+            }
+        }
+    };
+
+    // Stop reading; what was handed to the writer is flushed, then the final checkpoint stored.
+    repl.stop();
+    state.assembler.abandon();
+    state.tracker.abandon_open();
+    part_tx.take();
+    let flushed = if outcome.is_ok() {
+        let drain = async {
+            while let Some(tx) = ack_rx.recv().await {
+                state.tracker.ack(tx);
+            }
+            (&mut writer_task).await
+        };
+        match tokio::time::timeout(SHUTDOWN_GRACE, drain).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(e.into()),
+            Ok(Err(_)) => Err(PipelineError::StreamEnded),
+            Err(_) => Err(PipelineError::ShutdownTimeout(SHUTDOWN_GRACE)),
+        }
+    } else {
+        writer_task.abort();
+        while let Ok(tx) = ack_rx.try_recv() {
+            state.tracker.ack(tx);
+        }
+        Ok(())
+    };
+    state.publish(&repl, &ckpt_tx);
+    drop(ckpt_tx);
+    match saver.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "could not store the final checkpoint"),
+        Err(e) => warn!(error = %e, "checkpoint task failed"),
+    }
+    if let Err(e) = repl.shutdown().await {
+        debug!(error = %e, "replication connection closed with an error");
+    }
+    info!(checkpoint = %state.tracker.checkpoint(), "session ended");
+    outcome.and(flushed)
+}
+
+/// Store the checkpoint whenever it moved, at most once per interval, and once more at the end.
+async fn save_checkpoints(
+    client: tokio_postgres::Client,
+    slot: String,
+    mut rx: watch::Receiver<Lsn>,
+) -> Result<(), tokio_postgres::Error> {
+    let mut saved = *rx.borrow_and_update();
+    loop {
+        let closed = rx.changed().await.is_err();
+        let lsn = *rx.borrow_and_update();
+        if lsn > saved {
+            store::save(&client, &slot, lsn).await?;
+            debug!(%lsn, "checkpoint stored");
+            saved = lsn;
+        }
+        if closed {
+            return Ok(());
+        }
+        tokio::time::sleep(CHECKPOINT_SAVE_INTERVAL).await;
+    }
+}
+
+struct SessionState<'a> {
+    router: Router,
+    relations: RelationCache,
+    types: &'a TypeRegistry,
+    assembler: Assembler,
+    tracker: Tracker,
+    /// Stream paths of recently seen users (bounded).
+    paths: HashMap<String, Option<Arc<str>>>,
+    open: Option<OpenTx>,
+    parts: Vec<Part>,
+    published: Lsn,
+    cfg: Arc<Config>,
+}
+
+const MAX_CACHED_PATHS: usize = 100_000;
+
+impl SessionState<'_> {
+    /// Report a checkpoint that moved to Postgres and to the checkpoint table.
+    fn publish(&mut self, repl: &ReplicationClient, ckpt: &watch::Sender<Lsn>) {
+        let lsn = self.tracker.checkpoint();
+        if lsn > self.published {
+            repl.update_applied_lsn(lsn.into());
+            let _ = ckpt.send(lsn);
+            self.published = lsn;
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        ev: ReplicationEvent,
+        parts: &mpsc::Sender<Part>,
+    ) -> Result<(), PipelineError> {
+        match ev {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
+                let token = self.tracker.open();
+                let lsn = Lsn::from(final_lsn);
+                self.assembler.begin(token, lsn.0);
+                self.open = Some(OpenTx {
+                    token,
+                    meta: TxMeta {
+                        xid: xid.to_string(),
+                        timestamp: commit_time_rfc3339(commit_time_micros),
+                        lsn: lsn.to_string(),
+                    },
+                });
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                let Some(open) = self.open.take() else {
+                    warn!(end_lsn = %Lsn::from(end_lsn), "commit without begin");
+                    return Ok(());
+                };
+                self.assembler.commit(&mut self.parts);
+                self.send_parts(parts).await?;
+                self.tracker.close(open.token, end_lsn.into());
+            }
+            ReplicationEvent::XLogData {
+                data, wal_start, ..
+            } => {
+                let msg = pgoutput::decode(&data).map_err(|source| PipelineError::Decode {
+                    lsn: wal_start.into(),
+                    source,
+                })?;
+                self.handle_message(msg)?;
+                self.send_parts(parts).await?;
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                if self.open.is_none() {
+                    self.tracker.idle(wal_end.into());
+                }
+            }
+            ReplicationEvent::Message { prefix, .. } => {
+                debug!(%prefix, "logical decoding message ignored");
+            }
+            ReplicationEvent::StoppedAt { .. } => return Err(PipelineError::StreamEnded),
+        }
+        Ok(())
+    }
+
+    fn handle_message(&mut self, msg: Message) -> Result<(), PipelineError> {
+        let (relation, change) = match msg {
+            Message::Relation(r) => {
+                self.router.bind(&r)?;
+                debug!(table = %format!("{}.{}", r.namespace, r.name), "relation");
+                self.relations.insert(r);
+                return Ok(());
+            }
+            Message::Insert { relation, new } => {
+                let rel = self.relation(relation)?;
+                let new = tuple_fields(rel, &new, self.types);
+                (relation, Change::Insert { new })
+            }
+            Message::Update { relation, old, new } => {
+                let rel = self.relation(relation)?;
+                let old = old.map(|o| old_row(rel, &o, self.types));
+                let new = tuple_fields(rel, &new, self.types);
+                (relation, Change::Update { old, new })
+            }
+            Message::Delete { relation, old } => {
+                let rel = self.relation(relation)?;
+                let old = old_row(rel, &old, self.types);
+                (relation, Change::Delete { old })
+            }
+            Message::Truncate { relations, .. } => {
+                for oid in relations {
+                    if let Some(r) = self.relations.get(oid) {
+                        error!(table = %format!("{}.{}", r.namespace, r.name),
+                            "TRUNCATE is not propagated to streams yet: clients keep the truncated rows until a resync");
+                    }
+                }
+                return Ok(());
+            }
+            Message::Type { oid, name, .. } => {
+                debug!(oid, %name, "type announced");
+                return Ok(());
+            }
+            Message::Origin { name, .. } => {
+                debug!(%name, "origin");
+                return Ok(());
+            }
+            Message::Begin { .. } | Message::Commit { .. } | Message::LogicalMessage { .. } => {
+                return Ok(());
+            }
+        };
+        let Some(open) = &self.open else {
+            warn!(relation, "change outside a transaction ignored");
+            return Ok(());
+        };
+        let Self {
+            router,
+            assembler,
+            paths,
+            parts,
+            cfg,
+            ..
+        } = self;
+        router.route(
+            relation,
+            &change,
+            &open.meta,
+            &mut |user: &str, event: &Bytes| {
+                if paths.len() >= MAX_CACHED_PATHS {
+                    paths.clear();
+                }
+                let path = paths.entry(user.to_owned()).or_insert_with(|| {
+                    match cfg.streams.path.path_for(user) {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            warn!(error = %e, "event for an invalid user id dropped");
+                            None
+                        }
+                    }
+                });
+                if let Some(path) = path {
+                    assembler.push(path, event.clone(), parts);
+                }
+            },
+        )?;
+        Ok(())
+    }
+
+    fn relation(&self, oid: u32) -> Result<&pgoutput::Relation, PipelineError> {
+        self.relations
+            .get(oid)
+            .ok_or(PipelineError::Route(RouteError::UnknownRelation(oid)))
+    }
+
+    async fn send_parts(&mut self, tx: &mpsc::Sender<Part>) -> Result<(), PipelineError> {
+        for part in self.parts.drain(..) {
+            self.tracker.part_sent(part.tx);
+            tx.send(part)
+                .await
+                .map_err(|_| PipelineError::StreamEnded)?;
+        }
+        Ok(())
+    }
+}
+
+fn old_row(rel: &pgoutput::Relation, old: &OldTuple, types: &TypeRegistry) -> OldRow {
+    match old {
+        OldTuple::Key(t) => OldRow {
+            fields: tuple_fields(rel, t, types),
+            full: false,
+        },
+        OldTuple::Full(t) => OldRow {
+            fields: tuple_fields(rel, t, types),
+            full: true,
+        },
+    }
+}
