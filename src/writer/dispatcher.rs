@@ -1,0 +1,406 @@
+//! The writer's one long-lived task: reads parts, queues them per stream, starts at most one
+//! request per stream and at most `max_in_flight` overall, and folds completions back into the
+//! stream states (ack, retry later, split, or stop).
+//!
+//! The loop is a biased `select!` ordered completions → timers → input, so finished requests are
+//! always handled (and acknowledged) before more input is taken, and input is not read at all
+//! while the held parts exceed `max_buffered_bytes`. A stream waiting to retry has a timer, not a
+//! sleeping task: it never blocks other streams or holds a request slot.
+
+use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc::{Receiver, UnboundedSender};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::batch::{self, Batch, Due, Queued};
+use super::client::HttpClient;
+use super::part::{Part, TxToken};
+use super::request::{self, Completion};
+use super::retry::{self, Op, Outcome, Refusal};
+use super::stream_state::{Knowledge, Memo, Memory, StreamState};
+use super::{WriterError, WriterSettings};
+
+#[derive(Default, Debug)]
+struct Counts {
+    appended_parts: u64,
+    duplicate_parts: u64,
+    sends: u64,
+    retries: u64,
+}
+
+pub(crate) struct Dispatcher {
+    client: HttpClient,
+    linger: Duration,
+    max_in_flight: usize,
+    max_buffered_bytes: usize,
+    max_backoff: Duration,
+    /// `max_batch_bytes`, lowered for the rest of the run when the server refuses a batch as
+    /// too large (its body limit is a property of the server, not of one stream).
+    batch_cap: usize,
+    streams: HashMap<Arc<str>, StreamState>,
+    memory: Memory,
+    /// Streams whose next batch should start as soon as a request slot is free.
+    ready: VecDeque<Arc<str>>,
+    /// Linger and retry deadlines; an entry is live only while it equals its stream's `timer`.
+    timers: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
+    in_flight: JoinSet<Completion>,
+    /// Body bytes of every part the writer holds (queued, in flight or waiting to retry).
+    held_bytes: usize,
+    input_open: bool,
+    acks: UnboundedSender<TxToken>,
+    counts: Counts,
+}
+
+impl Dispatcher {
+    pub fn new(
+        settings: &WriterSettings,
+        client: HttpClient,
+        acks: UnboundedSender<TxToken>,
+    ) -> Self {
+        Self {
+            client,
+            linger: settings.linger,
+            max_in_flight: settings.max_in_flight,
+            max_buffered_bytes: settings.max_buffered_bytes,
+            max_backoff: settings.max_backoff,
+            batch_cap: settings.max_batch_bytes,
+            streams: HashMap::new(),
+            memory: Memory::default(),
+            ready: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            in_flight: JoinSet::new(),
+            held_bytes: 0,
+            input_open: true,
+            acks,
+            counts: Counts::default(),
+        }
+    }
+
+    pub async fn run(mut self, mut input: Receiver<Part>) -> Result<(), WriterError> {
+        loop {
+            self.launch()?;
+            if !self.input_open && self.streams.is_empty() {
+                let c = &self.counts;
+                info!(
+                    appended_parts = c.appended_parts,
+                    duplicate_parts = c.duplicate_parts,
+                    sends = c.sends,
+                    retries = c.retries,
+                    "writer finished"
+                );
+                return Ok(());
+            }
+            let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            let can_read = self.input_open && self.held_bytes <= self.max_buffered_bytes;
+            tokio::select! {
+                biased;
+                Some(joined) = self.in_flight.join_next() => {
+                    self.complete(joined.map_err(WriterError::Task)?)?;
+                }
+                () = sleep_until(timer), if timer.is_some() => self.fire_timers(Instant::now()),
+                part = input.recv(), if can_read => match part {
+                    Some(part) => self.accept(part)?,
+                    None => self.close_input(),
+                },
+                else => return Err(WriterError::Internal("the dispatcher has nothing to wait for")),
+            }
+        }
+    }
+
+    fn accept(&mut self, part: Part) -> Result<(), WriterError> {
+        if part.events.is_empty() {
+            // Nothing to make durable: acknowledged at once, never sent (no empty array).
+            return self.acks.send(part.tx).map_err(|_| WriterError::AcksClosed);
+        }
+        let path = part.stream.clone();
+        let state = match self.streams.entry(path.clone()) {
+            Entry::Occupied(entry) => entry.into_mut(),
+            Entry::Vacant(entry) => {
+                let url =
+                    self.client
+                        .url_for(&path)
+                        .ok_or_else(|| WriterError::InvalidStreamPath {
+                            stream: path.clone(),
+                        })?;
+                entry.insert(StreamState::new(url, self.memory.take(&path)))
+            }
+        };
+        self.held_bytes += part.body_len();
+        state.push(Queued {
+            part,
+            since: Instant::now(),
+        });
+        self.schedule(&path, Instant::now());
+        Ok(())
+    }
+
+    fn close_input(&mut self) {
+        self.input_open = false;
+        // Flush: nothing more will arrive, so no queue waits for its linger any longer.
+        let now = Instant::now();
+        let waiting: Vec<Arc<str>> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.retry.is_none() && s.timer.is_some())
+            .map(|(path, _)| path.clone())
+            .collect();
+        for path in waiting {
+            self.schedule(&path, now);
+        }
+    }
+
+    /// Decides what an idle stream waits for: a free request slot (ready) or a deadline.
+    fn schedule(&mut self, path: &Arc<str>, now: Instant) {
+        let Some(state) = self.streams.get_mut(path) else {
+            return;
+        };
+        if state.in_flight || state.in_ready {
+            return;
+        }
+        let when = match (&state.retry, state.queue_view()) {
+            (Some((at, _)), _) => Due::At(*at),
+            (None, Some(view)) => batch::due(view, self.linger, self.batch_cap, !self.input_open),
+            (None, None) => return,
+        };
+        match when {
+            Due::At(at) if at > now => {
+                if state.timer != Some(at) {
+                    state.timer = Some(at);
+                    self.timers.push(Reverse((at, path.clone())));
+                }
+            }
+            _ => {
+                state.timer = None;
+                state.in_ready = true;
+                self.ready.push_back(path.clone());
+            }
+        }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((at, path))) = self.timers.pop() else {
+                break;
+            };
+            // Only the entry matching the stream's current deadline is live.
+            let live = self.streams.get_mut(&path).filter(|s| s.timer == Some(at));
+            if let Some(state) = live {
+                state.timer = None;
+                self.schedule(&path, now);
+            }
+        }
+    }
+
+    /// Starts the next batch of ready streams while request slots are free.
+    fn launch(&mut self) -> Result<(), WriterError> {
+        while self.in_flight.len() < self.max_in_flight {
+            let Some(path) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(state) = self.streams.get_mut(&path) else {
+                continue;
+            };
+            if !state.in_ready {
+                continue;
+            }
+            state.in_ready = false;
+            let batch = match state.retry.take() {
+                Some((_, batch)) => batch,
+                None => next_batch(state, self.batch_cap)?,
+            };
+            state.in_flight = true;
+            self.counts.sends += 1;
+            let send = request::send(
+                self.client.clone(),
+                path,
+                state.url.clone(),
+                batch,
+                state.created,
+            );
+            self.in_flight.spawn(send);
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self, done: Completion) -> Result<(), WriterError> {
+        let Completion {
+            path,
+            mut batch,
+            created,
+            op,
+            status,
+            outcome,
+            error,
+        } = done;
+        let state = self.streams.get_mut(&path).ok_or(WriterError::Internal(
+            "a completion for a stream without state",
+        ))?;
+        state.in_flight = false;
+        state.created = created;
+        let parts = batch.parts.len();
+        match outcome {
+            Outcome::Done { next_offset } => {
+                state.knowledge = Knowledge::Synced {
+                    seq: batch.seq,
+                    tail: next_offset,
+                };
+                if batch.attempt > 0 {
+                    info!(stream = %path, seq = %batch.seq, attempt = batch.attempt, "append succeeded after retrying");
+                }
+                self.counts.appended_parts += parts as u64;
+                ack(&self.acks, &mut self.held_bytes, batch.parts)?;
+            }
+            Outcome::AlreadyWritten => {
+                if batch.synced {
+                    warn!(stream = %path, seq = %batch.seq, parts, "server already holds this batch, acknowledging it");
+                } else {
+                    debug!(stream = %path, seq = %batch.seq, "part already on the server, skipping it");
+                }
+                // The server's last seq is now unknown (≥ ours): arbitrate part by part again.
+                state.knowledge = Knowledge::Recovering;
+                self.counts.duplicate_parts += parts as u64;
+                ack(&self.acks, &mut self.held_bytes, batch.parts)?;
+            }
+            Outcome::TailMoved { next_offset } => {
+                warn!(stream = %path, seq = %batch.seq, parts, "an earlier attempt of this batch was applied, acknowledging it");
+                state.knowledge = Knowledge::Synced {
+                    seq: batch.seq,
+                    tail: next_offset,
+                };
+                self.counts.appended_parts += parts as u64;
+                ack(&self.acks, &mut self.held_bytes, batch.parts)?;
+            }
+            Outcome::TooLarge if parts > 1 => {
+                // Nothing was stored. The server's limit applies to every stream: lower the cap to
+                // the size of the batch's first half, which the next batch then holds.
+                let half = batch.parts[..parts / 2].iter();
+                let half_size = 1 + half.map(|q| batch::body_share(&q.part)).sum::<usize>();
+                self.batch_cap = self.batch_cap.min(half_size).max(2);
+                warn!(stream = %path, size = batch.body.len(), parts, max_batch_bytes = self.batch_cap, "server refused the batch as too large, splitting it");
+                state.requeue_front(batch.parts);
+            }
+            Outcome::TooLarge => {
+                return Err(WriterError::PartTooLarge {
+                    stream: path,
+                    seq: batch.seq,
+                    size: batch.body.len(),
+                });
+            }
+            Outcome::Retry { after, ambiguous } => {
+                batch.attempt += 1;
+                // The append may have been applied without us hearing it: check the tail first.
+                batch.verify_tail |= ambiguous && op == Op::Append;
+                let delay =
+                    retry::retry_delay(batch.attempt, after, self.max_backoff, rand::random());
+                let error = error
+                    .as_ref()
+                    .map(|e| tracing::field::display(error_chain(e)));
+                warn!(
+                    stream = %path,
+                    op = %op,
+                    status = status.map(|s| s.as_u16()),
+                    error,
+                    attempt = batch.attempt,
+                    delay_ms = delay.as_millis() as u64,
+                    "append failed, retrying"
+                );
+                self.counts.retries += 1;
+                state.retry = Some((Instant::now() + delay, batch));
+            }
+            Outcome::StreamMissing => {
+                return Err(WriterError::Internal("a 404 left to the dispatcher"));
+            }
+            Outcome::Refused(refusal) => {
+                let status = status.map_or(0, |s| s.as_u16());
+                return Err(refusal_error(path, op, status, refusal));
+            }
+        }
+        if state.is_idle() {
+            let created = state.created;
+            let knowledge = std::mem::take(&mut state.knowledge);
+            self.streams.remove(&path);
+            if created {
+                self.memory.remember(path, Memo { knowledge });
+            }
+        } else {
+            self.schedule(&path, Instant::now());
+        }
+        Ok(())
+    }
+}
+
+/// Takes the next batch from a stream's queue (never empty when called: the stream was ready).
+fn next_batch(state: &mut StreamState, batch_cap: usize) -> Result<Batch, WriterError> {
+    let parts = state.take_parts(batch_cap);
+    let seq = parts.last().map(|q| q.part.seq);
+    let body = batch::build_body(parts.iter().map(|q| &q.part));
+    let (Some(seq), Some(body)) = (seq, body) else {
+        return Err(WriterError::Internal("a ready stream without events"));
+    };
+    let (synced, prior_tail) = match &state.knowledge {
+        Knowledge::Synced { tail, .. } => (true, tail.clone()),
+        Knowledge::Recovering => (false, None),
+    };
+    Ok(Batch {
+        parts,
+        body,
+        seq,
+        attempt: 0,
+        synced,
+        prior_tail,
+        verify_tail: false,
+    })
+}
+
+/// One ack per part, in order. The channel is unbounded: this never waits.
+fn ack(
+    acks: &UnboundedSender<TxToken>,
+    held_bytes: &mut usize,
+    parts: Vec<Queued>,
+) -> Result<(), WriterError> {
+    for queued in parts {
+        *held_bytes -= queued.part.body_len();
+        acks.send(queued.part.tx)
+            .map_err(|_| WriterError::AcksClosed)?;
+    }
+    Ok(())
+}
+
+fn refusal_error(stream: Arc<str>, op: Op, status: u16, refusal: Refusal) -> WriterError {
+    let op = op.as_str();
+    match refusal {
+        Refusal::BadRequest => WriterError::BadRequest { stream, op },
+        Refusal::Unauthorized => WriterError::Unauthorized { stream, op, status },
+        Refusal::Conflict => WriterError::Conflict { stream, op },
+        Refusal::NotFound => WriterError::NoRoute { stream },
+        Refusal::Redirect => WriterError::Redirected { stream, op, status },
+        Refusal::Other => WriterError::Rejected { stream, op, status },
+    }
+}
+
+/// An error and its sources on one line (reqwest's own message omits the cause).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}

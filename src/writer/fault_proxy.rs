@@ -1,0 +1,262 @@
+//! Test-only HTTP/1.1 proxy in front of the real streams server, scripted to inject faults:
+//! answer a status without forwarding, forward and then drop the answer (a lost response),
+//! refuse bodies over a size (413), or answer 503 to everything while blocked.
+//!
+//! One request per connection (`connection: close` both ways) keeps the parsing trivial.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use url::Url;
+
+/// What to do with the next POST (appends); other requests are forwarded unless blocked.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Action {
+    /// Answer with this status (and `Retry-After`) without forwarding.
+    Respond {
+        status: u16,
+        retry_after: Option<&'static str>,
+    },
+    /// Forward, then close the connection without answering.
+    ForwardAndDrop,
+    /// Forward, close without answering, then block (503 to everything) until `unblock`.
+    ForwardDropAndBlock,
+}
+
+/// One request the proxy saw.
+#[derive(Clone, Debug)]
+pub(crate) struct Seen {
+    pub method: String,
+    pub body_len: usize,
+    /// The status the client got (`None` when the answer was dropped).
+    pub status: Option<u16>,
+    pub forwarded: bool,
+    pub authorization: Option<String>,
+}
+
+#[derive(Default)]
+struct Script {
+    actions: VecDeque<Action>,
+    max_body: Option<usize>,
+    blocked: bool,
+    seen: Vec<Seen>,
+}
+
+pub(crate) struct FaultProxy {
+    addr: SocketAddr,
+    script: Arc<Mutex<Script>>,
+    task: JoinHandle<()>,
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let script = Arc::new(Mutex::new(Script::default()));
+        let shared = script.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(serve(client, upstream, shared.clone()));
+            }
+        });
+        Self { addr, script, task }
+    }
+
+    pub fn base_url(&self) -> Url {
+        Url::parse(&format!("http://{}", self.addr)).expect("proxy url")
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Script) -> T) -> T {
+        f(&mut self.script.lock().expect("proxy script lock"))
+    }
+
+    pub fn push(&self, action: Action) {
+        self.with(|s| s.actions.push_back(action));
+    }
+
+    pub fn set_max_body(&self, max: usize) {
+        self.with(|s| s.max_body = Some(max));
+    }
+
+    pub fn block(&self) {
+        self.with(|s| s.blocked = true);
+    }
+
+    pub fn unblock(&self) {
+        self.with(|s| s.blocked = false);
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.with(|s| s.seen.clone())
+    }
+
+    /// POSTs that reached the server and whose answer the client received.
+    pub fn delivered_posts(&self) -> Vec<Seen> {
+        let seen = self.seen();
+        seen.into_iter()
+            .filter(|s| s.method == "POST" && s.forwarded && s.status.is_some())
+            .collect()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+enum Plan {
+    Respond(u16, Option<&'static str>),
+    Forward { drop_answer: bool, then_block: bool },
+}
+
+async fn serve(mut client: TcpStream, upstream: SocketAddr, script: Arc<Mutex<Script>>) {
+    let Some((head, body)) = read_request(&mut client).await else {
+        return;
+    };
+    let method = head.split(' ').next().unwrap_or_default().to_owned();
+    let authorization = header(&head, "authorization");
+    let plan = {
+        let mut s = script.lock().expect("proxy script lock");
+        if s.blocked {
+            Plan::Respond(503, None)
+        } else if method == "POST" && s.max_body.is_some_and(|max| body.len() > max) {
+            Plan::Respond(413, None)
+        } else if method == "POST" {
+            match s.actions.pop_front() {
+                Some(Action::Respond {
+                    status,
+                    retry_after,
+                }) => Plan::Respond(status, retry_after),
+                Some(Action::ForwardAndDrop) => Plan::Forward {
+                    drop_answer: true,
+                    then_block: false,
+                },
+                Some(Action::ForwardDropAndBlock) => Plan::Forward {
+                    drop_answer: true,
+                    then_block: true,
+                },
+                None => Plan::Forward {
+                    drop_answer: false,
+                    then_block: false,
+                },
+            }
+        } else {
+            Plan::Forward {
+                drop_answer: false,
+                then_block: false,
+            }
+        }
+    };
+    let mut seen = Seen {
+        method,
+        body_len: body.len(),
+        status: None,
+        forwarded: false,
+        authorization,
+    };
+    match plan {
+        Plan::Respond(status, retry_after) => {
+            let extra = retry_after
+                .map(|v| format!("retry-after: {v}\r\n"))
+                .unwrap_or_default();
+            let answer = format!(
+                "HTTP/1.1 {status} Injected\r\ncontent-length: 0\r\nconnection: close\r\n{extra}\r\n"
+            );
+            let _ = client.write_all(answer.as_bytes()).await;
+            seen.status = Some(status);
+        }
+        Plan::Forward {
+            drop_answer,
+            then_block,
+        } => {
+            let Some(answer) = forward(upstream, &head, &body).await else {
+                let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                seen.status = Some(502);
+                script.lock().expect("proxy script lock").seen.push(seen);
+                return;
+            };
+            seen.forwarded = true;
+            if then_block {
+                script.lock().expect("proxy script lock").blocked = true;
+            }
+            if !drop_answer {
+                let _ = client.write_all(&answer).await;
+                seen.status = status_of(&answer);
+            }
+        }
+    }
+    let _ = client.shutdown().await;
+    script.lock().expect("proxy script lock").seen.push(seen);
+}
+
+/// Reads one request: the head (up to the blank line) and a `content-length` body.
+async fn read_request(client: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 8192];
+        let n = client.read(&mut chunk).await.ok()?;
+        if n == 0 || buf.len() > 1 << 20 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(buf[..end].to_vec()).ok()?;
+    let len: usize = header(&head, "content-length").map_or(Some(0), |v| v.parse().ok())?;
+    let mut body = buf[end..].to_vec();
+    while body.len() < len {
+        let mut chunk = vec![0u8; (len - body.len()).min(1 << 16)];
+        let n = client.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Some((head, body))
+}
+
+/// Sends the request upstream with `connection: close` and reads the whole answer.
+async fn forward(upstream: SocketAddr, head: &str, body: &[u8]) -> Option<Vec<u8>> {
+    let mut request = String::new();
+    for line in head.trim_end().split("\r\n") {
+        if !line.to_ascii_lowercase().starts_with("connection:") {
+            request.push_str(line);
+            request.push_str("\r\n");
+        }
+    }
+    request.push_str("connection: close\r\n\r\n");
+    let mut server = TcpStream::connect(upstream).await.ok()?;
+    server.write_all(request.as_bytes()).await.ok()?;
+    server.write_all(body).await.ok()?;
+    let mut answer = Vec::new();
+    server.read_to_end(&mut answer).await.ok()?;
+    (!answer.is_empty()).then_some(answer)
+}
+
+fn header(head: &str, name: &str) -> Option<String> {
+    head.split("\r\n").skip(1).find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| value.trim().to_owned())
+    })
+}
+
+fn status_of(answer: &[u8]) -> Option<u16> {
+    let line = answer.split(|b| *b == b'\r').next()?;
+    std::str::from_utf8(line)
+        .ok()?
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
