@@ -1,0 +1,12 @@
+//! The one integration test binary. Each module is a scenario over the shared harness in
+//! `support/`: real PostgreSQL clusters, real durable-streams-server processes and the pgds
+//! binary, one of each per test. Run it through `scripts/test`, which installs the streams server.
+
+mod support;
+
+mod checkpoint;
+mod errors;
+mod harness;
+mod pipeline;
+mod restart;
+mod types;
