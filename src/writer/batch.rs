@@ -31,10 +31,11 @@ pub(crate) struct Batch {
     pub seq: StreamSeq,
     /// Failed attempts so far.
     pub attempt: u32,
-    /// Whether the batch was formed on a stream whose last accepted seq was known.
+    /// Whether the batch was formed on a synced stream (last accepted seq known).
     pub synced: bool,
-    /// The stream's tail after our last successful append, when known: lets a resend after an
-    /// ambiguous failure first check (HEAD) whether the append was applied.
+    /// The stream's tail just before this append, when known (from the server's last answer, or
+    /// the PUT made for this batch): lets a resend after an ambiguous failure first check (HEAD)
+    /// whether the append was applied.
     pub prior_tail: Option<Arc<str>>,
     /// Check the tail before the next send.
     pub verify_tail: bool,

@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::batch::{self, Batch, Due, Queued};
 use super::client::HttpClient;
+use super::observe;
 use super::part::{Part, TxToken};
 use super::request::{self, Completion};
 use super::retry::{self, Op, Outcome, Refusal};
@@ -55,6 +56,10 @@ pub(crate) struct Dispatcher {
     input_open: bool,
     acks: UnboundedSender<TxToken>,
     counts: Counts,
+    /// When the most-lagging-streams metric is next refreshed (while streams are active).
+    next_lag_refresh: Instant,
+    /// The published list of most lagging streams may be non-empty.
+    lag_listed: bool,
 }
 
 impl Dispatcher {
@@ -79,12 +84,19 @@ impl Dispatcher {
             input_open: true,
             acks,
             counts: Counts::default(),
+            next_lag_refresh: Instant::now(),
+            lag_listed: false,
         }
     }
 
     pub async fn run(mut self, mut input: Receiver<Part>) -> Result<(), WriterError> {
         loop {
             self.launch()?;
+            observe::gauges(self.streams.len(), self.held_bytes);
+            if self.streams.is_empty() && self.lag_listed {
+                observe::worst_streams(&self.streams, Instant::now());
+                self.lag_listed = false;
+            }
             if !self.input_open && self.streams.is_empty() {
                 let c = &self.counts;
                 info!(
@@ -96,7 +108,9 @@ impl Dispatcher {
                 );
                 return Ok(());
             }
+            let lag_refresh = (!self.streams.is_empty()).then_some(self.next_lag_refresh);
             let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            let timer = timer.into_iter().chain(lag_refresh).min();
             let can_read = self.input_open && self.held_bytes <= self.max_buffered_bytes;
             tokio::select! {
                 biased;
@@ -184,6 +198,11 @@ impl Dispatcher {
     }
 
     fn fire_timers(&mut self, now: Instant) {
+        if now >= self.next_lag_refresh {
+            observe::worst_streams(&self.streams, now);
+            self.lag_listed = !self.streams.is_empty();
+            self.next_lag_refresh = now + observe::LAG_REFRESH;
+        }
         while let Some(Reverse((at, _))) = self.timers.peek() {
             if *at > now {
                 break;
@@ -218,6 +237,7 @@ impl Dispatcher {
                 None => next_batch(state, self.batch_cap)?,
             };
             state.in_flight = true;
+            state.in_flight_since = batch.parts.first().map(|q| q.since);
             self.counts.sends += 1;
             let send = request::send(
                 self.client.clone(),
@@ -236,6 +256,7 @@ impl Dispatcher {
             path,
             mut batch,
             created,
+            new_streams,
             op,
             status,
             outcome,
@@ -245,38 +266,46 @@ impl Dispatcher {
             "a completion for a stream without state",
         ))?;
         state.in_flight = false;
+        state.in_flight_since = None;
         state.created = created;
+        observe::created(new_streams);
         let parts = batch.parts.len();
         match outcome {
             Outcome::Done { next_offset } => {
-                state.knowledge = Knowledge::Synced {
-                    seq: batch.seq,
+                state.knowledge = Knowledge {
+                    synced: Some(batch.seq),
                     tail: next_offset,
                 };
                 if batch.attempt > 0 {
                     info!(stream = %path, seq = %batch.seq, attempt = batch.attempt, "append succeeded after retrying");
                 }
                 self.counts.appended_parts += parts as u64;
+                observe::appended(&batch);
                 ack(&self.acks, &mut self.held_bytes, batch.parts)?;
             }
-            Outcome::AlreadyWritten => {
+            Outcome::AlreadyWritten { next_offset } => {
                 if batch.synced {
                     warn!(stream = %path, seq = %batch.seq, parts, "server already holds this batch, acknowledging it");
                 } else {
                     debug!(stream = %path, seq = %batch.seq, "part already on the server, skipping it");
                 }
                 // The server's last seq is now unknown (≥ ours): arbitrate part by part again.
-                state.knowledge = Knowledge::Recovering;
+                state.knowledge = Knowledge {
+                    synced: None,
+                    tail: next_offset,
+                };
                 self.counts.duplicate_parts += parts as u64;
+                observe::duplicate();
                 ack(&self.acks, &mut self.held_bytes, batch.parts)?;
             }
             Outcome::TailMoved { next_offset } => {
                 warn!(stream = %path, seq = %batch.seq, parts, "an earlier attempt of this batch was applied, acknowledging it");
-                state.knowledge = Knowledge::Synced {
-                    seq: batch.seq,
+                state.knowledge = Knowledge {
+                    synced: Some(batch.seq),
                     tail: next_offset,
                 };
                 self.counts.appended_parts += parts as u64;
+                observe::appended(&batch);
                 ack(&self.acks, &mut self.held_bytes, batch.parts)?;
             }
             Outcome::TooLarge if parts > 1 => {
@@ -289,6 +318,7 @@ impl Dispatcher {
                 state.requeue_front(batch.parts);
             }
             Outcome::TooLarge => {
+                observe::failed();
                 return Err(WriterError::PartTooLarge {
                     stream: path,
                     seq: batch.seq,
@@ -314,12 +344,14 @@ impl Dispatcher {
                     "append failed, retrying"
                 );
                 self.counts.retries += 1;
+                observe::retried();
                 state.retry = Some((Instant::now() + delay, batch));
             }
             Outcome::StreamMissing => {
                 return Err(WriterError::Internal("a 404 left to the dispatcher"));
             }
             Outcome::Refused(refusal) => {
+                observe::failed();
                 let status = status.map_or(0, |s| s.as_u16());
                 return Err(refusal_error(path, op, status, refusal));
             }
@@ -346,17 +378,13 @@ fn next_batch(state: &mut StreamState, batch_cap: usize) -> Result<Batch, Writer
     let (Some(seq), Some(body)) = (seq, body) else {
         return Err(WriterError::Internal("a ready stream without events"));
     };
-    let (synced, prior_tail) = match &state.knowledge {
-        Knowledge::Synced { tail, .. } => (true, tail.clone()),
-        Knowledge::Recovering => (false, None),
-    };
     Ok(Batch {
         parts,
         body,
         seq,
         attempt: 0,
-        synced,
-        prior_tail,
+        synced: state.knowledge.synced.is_some(),
+        prior_tail: state.knowledge.tail.clone(),
         verify_tail: false,
     })
 }

@@ -1,10 +1,10 @@
 //! Test-only HTTP/1.1 proxy in front of the real streams server, scripted to inject faults:
 //! answer a status without forwarding, forward and then drop the answer (a lost response),
-//! refuse bodies over a size (413), or answer 503 to everything while blocked.
+//! refuse bodies over a size (413), refuse HEAD, or answer 503 to everything while blocked.
 //!
 //! One request per connection (`connection: close` both ways) keeps the parsing trivial.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -42,8 +42,35 @@ pub(crate) struct Seen {
 struct Script {
     actions: VecDeque<Action>,
     max_body: Option<usize>,
+    /// Answer every HEAD with this status (a server without tail checks).
+    head_status: Option<u16>,
     blocked: bool,
     seen: Vec<Seen>,
+    /// Requests being served now, per request path.
+    active: HashMap<String, usize>,
+    /// The most requests served at once: overall, and for any one path.
+    max_active: usize,
+    max_active_per_path: usize,
+}
+
+impl Script {
+    fn enter(&mut self, path: &str) {
+        let n = self.active.entry(path.to_owned()).or_default();
+        *n += 1;
+        self.max_active_per_path = self.max_active_per_path.max(*n);
+        let total = self.active.values().sum::<usize>();
+        self.max_active = self.max_active.max(total);
+    }
+
+    fn leave(&mut self, path: &str, seen: Seen) {
+        if let Some(n) = self.active.get_mut(path) {
+            *n -= 1;
+            if *n == 0 {
+                self.active.remove(path);
+            }
+        }
+        self.seen.push(seen);
+    }
 }
 
 pub(crate) struct FaultProxy {
@@ -84,6 +111,10 @@ impl FaultProxy {
         self.with(|s| s.max_body = Some(max));
     }
 
+    pub fn set_head_status(&self, status: u16) {
+        self.with(|s| s.head_status = Some(status));
+    }
+
     pub fn block(&self) {
         self.with(|s| s.blocked = true);
     }
@@ -94,6 +125,11 @@ impl FaultProxy {
 
     pub fn seen(&self) -> Vec<Seen> {
         self.with(|s| s.seen.clone())
+    }
+
+    /// The most requests served at once, overall and for one stream.
+    pub fn max_concurrency(&self) -> (usize, usize) {
+        self.with(|s| (s.max_active, s.max_active_per_path))
     }
 
     /// POSTs that reached the server and whose answer the client received.
@@ -120,12 +156,17 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, script: Arc<Mutex<Sc
     let Some((head, body)) = read_request(&mut client).await else {
         return;
     };
-    let method = head.split(' ').next().unwrap_or_default().to_owned();
+    let mut words = head.split(' ');
+    let method = words.next().unwrap_or_default().to_owned();
+    let path = words.next().unwrap_or_default().to_owned();
     let authorization = header(&head, "authorization");
     let plan = {
         let mut s = script.lock().expect("proxy script lock");
+        s.enter(&path);
         if s.blocked {
             Plan::Respond(503, None)
+        } else if let (true, Some(status)) = (method == "HEAD", s.head_status) {
+            Plan::Respond(status, None)
         } else if method == "POST" && s.max_body.is_some_and(|max| body.len() > max) {
             Plan::Respond(413, None)
         } else if method == "POST" {
@@ -179,7 +220,7 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, script: Arc<Mutex<Sc
             let Some(answer) = forward(upstream, &head, &body).await else {
                 let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
                 seen.status = Some(502);
-                script.lock().expect("proxy script lock").seen.push(seen);
+                script.lock().expect("proxy script lock").leave(&path, seen);
                 return;
             };
             seen.forwarded = true;
@@ -193,7 +234,7 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, script: Arc<Mutex<Sc
         }
     }
     let _ = client.shutdown().await;
-    script.lock().expect("proxy script lock").seen.push(seen);
+    script.lock().expect("proxy script lock").leave(&path, seen);
 }
 
 /// Reads one request: the head (up to the blank line) and a `content-length` body.

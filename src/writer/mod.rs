@@ -37,22 +37,27 @@
 //!    and its answer lost; one POST is atomic, so the whole batch is there: acknowledge it all.
 //!    The stream then goes back to recovering until the next 2xx.
 //! 4. Retries resend the identical batch (same body, same `Stream-Seq`), never a larger one, so
-//!    a retry after a lost answer either is the first copy or is refused as in 3. The server's
-//!    seq memory can lag its data by a crash window (the official server persists it at its
-//!    checkpoint, every ~3 s), so after an ambiguous failure of an append on a synced stream the
-//!    writer first HEADs the stream: if its tail moved away from the tail our last success left,
-//!    the batch was applied (by (b)) and is acknowledged; otherwise it is resent.
-//! 5. 413 stores nothing: the batch goes back to the queue and smaller prefixes are sent. 404
-//!    means the stream is gone: PUT it and resend.
+//!    a retry after a lost answer either is the first copy or is refused as in 1 or 3. The
+//!    server's seq memory can lag its data by a crash window (the official server persists it at
+//!    its checkpoint, every ~3 s), so after an ambiguous failure of an append (no answer, or a 5xx
+//!    other than 503) the writer first HEADs the stream when it knows the tail before the append
+//!    (from the server's previous answer to a POST or PUT): a moved tail means the append was
+//!    applied (by (b)) and it is acknowledged; an unchanged tail means it was not, and it is resent.
+//! 5. 413 stores nothing: the batch goes back to the front of its queue and the batch size cap
+//!    drops to the size of its first half (for every stream: the limit is the server's), so the
+//!    next POST carries a strict prefix; a single part refused with 413 is a definite error. 404
+//!    means the stream is gone: PUT it and resend the same batch.
 //!
-//! Limits of the argument: another writer on the same streams breaks (b); a crash of the
-//! streams server within its seq-persistence window *combined with* a pgds restart (so no tail
-//! to compare) can re-append parts written in that window.
+//! Limits of the argument: another writer on the same streams breaks (b); (c) needs the replay
+//! to bring the same parts with the same seqs; and a crash of the streams server that loses its
+//! seq memory of the last seconds, *combined with* a pgds restart whose replay covers parts
+//! appended in those seconds, re-appends them (the new process knows no tail to compare).
 //!
 //! # Layout
 //! `settings` (validated config) · `path` (user id → stream path) · `batch` (pure batching
 //! policy) · `stream_state` (per-stream state, bounded memory) · `retry` (pure classification
-//! and backoff) · `client` (HTTP) · `request` (one send of one batch) · `dispatcher` (the loop).
+//! and backoff) · `client` (HTTP) · `request` (one send of one batch) · `dispatcher` (the loop) ·
+//! `observe` (process metrics).
 
 pub mod part;
 
@@ -60,6 +65,7 @@ mod batch;
 mod client;
 mod dispatcher;
 mod error;
+mod observe;
 mod path;
 mod request;
 mod retry;

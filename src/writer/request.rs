@@ -1,8 +1,9 @@
 //! One send of one batch, as a future that owns the batch and hands it back with the outcome.
 //!
 //! Steps: (1) if an earlier attempt may have been applied and the stream's tail before the batch
-//! is known, HEAD the stream: a moved tail means the append was applied; (2) PUT the stream if
-//! it is not known to exist; (3) POST the batch; on 404 PUT and POST once more.
+//! is known, HEAD the stream: a moved tail means the append was applied (we are the only
+//! writer); (2) PUT the stream if it is not known to exist; (3) POST the batch; on 404 PUT and
+//! POST once more.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -21,6 +22,8 @@ pub(crate) struct Completion {
     pub batch: Batch,
     /// Whether the stream is known to exist after this send.
     pub created: bool,
+    /// PUTs of this send answered 201 (a new stream).
+    pub new_streams: u32,
     /// The request that produced `outcome`.
     pub op: Op,
     /// Its status, when there was an answer.
@@ -41,6 +44,7 @@ pub(crate) async fn send(
         path,
         batch,
         created,
+        new_streams: 0,
         op: Op::Append,
         status: None,
         outcome: Outcome::Retry {
@@ -76,26 +80,21 @@ async fn attempt(client: &HttpClient, url: Url, c: &mut Completion) -> Outcome {
         }
     }
     if !c.created {
-        match note(c, Op::Create, client.create(url.clone()).await) {
-            Outcome::Done { .. } => c.created = true,
-            other => return other,
+        if let Some(failed) = create(client, &url, c).await {
+            return failed;
         }
     }
     let seq = c.batch.seq.to_string();
     let body = c.batch.body.clone();
-    match note(
-        c,
-        Op::Append,
-        client.append(url.clone(), seq.clone(), body.clone()).await,
-    ) {
+    let first = client.append(url.clone(), seq.clone(), body.clone()).await;
+    match note(c, Op::Append, first) {
         Outcome::StreamMissing => {}
         other => return other,
     }
     // The stream was deleted since we created it: create it again and resend once.
     c.created = false;
-    match note(c, Op::Create, client.create(url.clone()).await) {
-        Outcome::Done { .. } => c.created = true,
-        other => return other,
+    if let Some(failed) = create(client, &url, c).await {
+        return failed;
     }
     match note(c, Op::Append, client.append(url, seq, body).await) {
         Outcome::StreamMissing => {
@@ -106,6 +105,20 @@ async fn attempt(client: &HttpClient, url: Url, c: &mut Completion) -> Outcome {
             }
         }
         other => other,
+    }
+}
+
+/// PUTs the stream; `None` when it exists now. Its answer carries the stream's tail just before
+/// our append, which becomes the batch's reference for a later tail check.
+async fn create(client: &HttpClient, url: &Url, c: &mut Completion) -> Option<Outcome> {
+    match note(c, Op::Create, client.create(url.clone()).await) {
+        Outcome::Done { next_offset } => {
+            c.created = true;
+            c.new_streams += u32::from(c.status == Some(StatusCode::CREATED));
+            c.batch.prior_tail = next_offset;
+            None
+        }
+        other => Some(other),
     }
 }
 

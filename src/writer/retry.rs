@@ -43,7 +43,8 @@ pub(crate) enum Outcome {
     /// 2xx. `next_offset` is the stream's tail after the request (`Stream-Next-Offset`).
     Done { next_offset: Option<Arc<str>> },
     /// 409 "sequence" on an append: the server already holds this `Stream-Seq` (or a later one).
-    AlreadyWritten,
+    /// `next_offset` is the stream's tail.
+    AlreadyWritten { next_offset: Option<Arc<str>> },
     /// A tail check found that the stream grew since our last successful append: the ambiguous
     /// append was applied (the writer is the stream's only writer). Produced by the request, not
     /// by [`classify`].
@@ -95,10 +96,7 @@ pub(crate) fn classify(
     };
     match status.as_u16() {
         200..=299 => Outcome::Done {
-            next_offset: headers
-                .get("stream-next-offset")
-                .and_then(|v| v.to_str().ok())
-                .map(Arc::from),
+            next_offset: next_offset(headers),
         },
         300..=399 => Outcome::Refused(Refusal::Redirect),
         400 => Outcome::Refused(Refusal::BadRequest),
@@ -110,7 +108,9 @@ pub(crate) fn classify(
             after: retry_after(),
             ambiguous: false,
         },
-        409 if op == Op::Append && mentions_sequence(body) => Outcome::AlreadyWritten,
+        409 if op == Op::Append && mentions_sequence(body) => Outcome::AlreadyWritten {
+            next_offset: next_offset(headers),
+        },
         409 => Outcome::Refused(Refusal::Conflict),
         413 if op == Op::Append => Outcome::TooLarge,
         // A server without HEAD: the tail check is skipped, not retried.
@@ -126,6 +126,12 @@ pub(crate) fn classify(
         },
         _ => Outcome::Refused(Refusal::Other),
     }
+}
+
+/// The stream's tail after the request, when the server says.
+fn next_offset(headers: &HeaderMap) -> Option<Arc<str>> {
+    let value = headers.get("stream-next-offset")?;
+    value.to_str().ok().map(Arc::from)
 }
 
 /// The outcome of a request that got no answer. A connection that was never established cannot
@@ -245,8 +251,8 @@ mod tests {
             (Op::Create, 201, &none, "", Done { next_offset: None }),
             (Op::Create, 200, &none, "", Done { next_offset: None }),
             (Op::Inspect, 200, &tail, "", Done { next_offset: Some("0000_0016".into()) }),
-            (Op::Append, 409, &none, "Sequence conflict", AlreadyWritten),
-            (Op::Append, 409, &none, "stream-seq SEQUENCE regression", AlreadyWritten),
+            (Op::Append, 409, &tail, "Sequence conflict", AlreadyWritten { next_offset: Some("0000_0016".into()) }),
+            (Op::Append, 409, &none, "stream-seq SEQUENCE regression", AlreadyWritten { next_offset: None }),
             (Op::Append, 409, &none, "stream is closed", Refused(Refusal::Conflict)),
             (Op::Append, 409, &none, "", Refused(Refusal::Conflict)),
             (Op::Create, 409, &none, "sequence", Refused(Refusal::Conflict)),

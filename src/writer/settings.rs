@@ -14,7 +14,8 @@ pub struct WriterSettings {
     pub base_url: Url,
     /// Sent as `Authorization: Bearer …`; never logged.
     pub token: Option<SecretString>,
-    /// Maximum JSON body size of one POST that combines several parts.
+    /// Maximum JSON body size of one POST that combines several parts (a single part larger
+    /// than this is still sent, alone).
     pub max_batch_bytes: usize,
     /// How long a stream's queue may wait to fill a batch (0 = send as soon as the stream is idle).
     pub linger: Duration,

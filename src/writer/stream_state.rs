@@ -21,26 +21,14 @@ pub(crate) const MEMO_CAPACITY: usize = 100_000;
 
 /// What the writer knows about the server's copy of a stream.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) enum Knowledge {
-    /// Nothing: parts may or may not already be there (a replay after a restart). One part per
-    /// POST; a sequence 409 means "already there".
-    #[default]
-    Recovering,
-    /// The server accepted `seq` from this writer as its last `Stream-Seq`, leaving the stream's
-    /// tail at `tail` (when the server said).
-    Synced {
-        seq: StreamSeq,
-        tail: Option<Arc<str>>,
-    },
-}
-
-impl Knowledge {
-    pub fn seq(&self) -> Option<StreamSeq> {
-        match self {
-            Knowledge::Recovering => None,
-            Knowledge::Synced { seq, .. } => Some(*seq),
-        }
-    }
+pub(crate) struct Knowledge {
+    /// The last `Stream-Seq` the server accepted from this writer: the stream is **synced** and
+    /// every later part is new. `None`: **recovering**, parts may already be there (a replay
+    /// after a restart), so they are sent one per POST and a sequence 409 means "already there".
+    pub synced: Option<StreamSeq>,
+    /// The stream's tail (`Stream-Next-Offset`) in the server's last answer to this writer, i.e.
+    /// the tail before our next append (we are the only writer).
+    pub tail: Option<Arc<str>>,
 }
 
 /// What survives of an idle stream: it exists on the server, and what we know about it.
@@ -90,6 +78,8 @@ pub(crate) struct StreamState {
     pub in_ready: bool,
     /// The deadline of this stream's live timer entry, if any.
     pub timer: Option<Instant>,
+    /// When the oldest part of the batch in flight arrived.
+    pub in_flight_since: Option<Instant>,
 }
 
 impl StreamState {
@@ -104,6 +94,7 @@ impl StreamState {
             retry: None,
             in_ready: false,
             timer: None,
+            in_flight_since: None,
         }
     }
 
@@ -124,7 +115,7 @@ impl StreamState {
     pub fn take_parts(&mut self, max_bytes: usize) -> Vec<Queued> {
         let n = batch::batch_len(
             self.queue.iter().map(|q| &q.part),
-            self.knowledge.seq(),
+            self.knowledge.synced,
             max_bytes,
         );
         let parts: Vec<Queued> = self.queue.drain(..n).collect();
@@ -133,6 +124,15 @@ impl StreamState {
             .map(|q| batch::body_share(&q.part))
             .sum::<usize>();
         parts
+    }
+
+    /// When the oldest part this stream holds arrived (in flight, waiting to retry, or queued).
+    pub fn oldest(&self) -> Option<Instant> {
+        let retry = self.retry.as_ref().and_then(|(_, b)| b.parts.first());
+        let front = self.queue.front();
+        self.in_flight_since
+            .or(retry.map(|q| q.since))
+            .or(front.map(|q| q.since))
     }
 
     /// Nothing queued, nothing in flight, nothing to retry: the state may be dropped.
@@ -145,7 +145,7 @@ impl StreamState {
         let front = self.queue.front()?;
         let batchable = self
             .knowledge
-            .seq()
+            .synced
             .is_some_and(|known| front.part.seq > known);
         Some(QueueView {
             oldest: front.since,
@@ -181,7 +181,7 @@ mod tests {
         let url = Url::parse("http://h/s").unwrap();
         let mut s = StreamState::new(url, None);
         assert!(!s.created);
-        assert_eq!(s.knowledge, Knowledge::Recovering);
+        assert_eq!(s.knowledge, Knowledge::default());
         for n in 1..=4 {
             s.push(queued(n));
         }
@@ -189,10 +189,7 @@ mod tests {
         assert!(!s.queue_view().unwrap().batchable);
         let one = s.take_parts(1000);
         assert_eq!(one.len(), 1, "recovering streams send one part");
-        s.knowledge = Knowledge::Synced {
-            seq: one[0].part.seq,
-            tail: None,
-        };
+        s.knowledge.synced = Some(one[0].part.seq);
         assert!(s.queue_view().unwrap().batchable);
         let rest = s.take_parts(1000);
         assert_eq!(rest.len(), 3);
@@ -211,7 +208,7 @@ mod tests {
             m.remember(
                 format!("/s/{i}").into(),
                 Memo {
-                    knowledge: Knowledge::Recovering,
+                    knowledge: Knowledge::default(),
                 },
             );
         }

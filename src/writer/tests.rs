@@ -240,24 +240,56 @@ async fn unavailable_is_retried_honouring_retry_after() {
 }
 
 #[tokio::test]
-async fn a_lost_response_is_not_duplicated() {
+async fn a_lost_response_is_found_by_the_tail_check() {
     let server = TestServer::start();
     let proxy = FaultProxy::start(server.addr()).await;
     proxy.push(Action::ForwardAndDrop);
     let writer = spawn_writer(settings(proxy.base_url()), 16);
     for n in 1..=3 {
-        writer.send(part("/s/lost", n)).await;
+        writer.send(part("/s/lost-tail", n)).await;
     }
     let (result, acks) = writer.finish().await;
     result.unwrap();
     assert_eq!(acks, [1, 2, 3]);
-    assert_eq!(keys(&server.url("/s/lost")).await, expected_keys(1..=3));
-    // The resend of the applied append was refused as a sequence conflict.
+    assert_eq!(
+        keys(&server.url("/s/lost-tail")).await,
+        expected_keys(1..=3)
+    );
+    let seen = proxy.seen();
+    // The PUT's answer gave the tail before the append; the HEAD found it moved.
     assert!(
-        proxy
-            .seen()
-            .iter()
-            .any(|s| s.method == "POST" && s.status == Some(409))
+        seen.iter()
+            .any(|s| s.method == "HEAD" && s.status == Some(200)),
+        "{seen:?}"
+    );
+    assert!(!seen.iter().any(|s| s.status == Some(409)), "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_lost_response_is_refused_as_a_sequence_conflict() {
+    let server = TestServer::start();
+    let proxy = FaultProxy::start(server.addr()).await;
+    // Without tail checks, the server's Stream-Seq memory alone must stop the duplicate.
+    proxy.set_head_status(405);
+    proxy.push(Action::ForwardAndDrop);
+    let writer = spawn_writer(settings(proxy.base_url()), 16);
+    for n in 1..=3 {
+        writer.send(part("/s/lost-seq", n)).await;
+    }
+    let (result, acks) = writer.finish().await;
+    result.unwrap();
+    assert_eq!(acks, [1, 2, 3]);
+    assert_eq!(keys(&server.url("/s/lost-seq")).await, expected_keys(1..=3));
+    let seen = proxy.seen();
+    assert!(
+        seen.iter()
+            .any(|s| s.method == "HEAD" && s.status == Some(405)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|s| s.method == "POST" && s.status == Some(409)),
+        "{seen:?}"
     );
 }
 
@@ -456,4 +488,50 @@ async fn a_path_that_is_not_a_url_path_is_refused() {
         matches!(error, WriterError::InvalidStreamPath { .. }),
         "{error:?}"
     );
+}
+
+#[tokio::test]
+async fn requests_respect_the_in_flight_limits() {
+    let server = TestServer::start();
+    let proxy = FaultProxy::start(server.addr()).await;
+    let mut s = settings(proxy.base_url());
+    s.max_in_flight = 3;
+    let writer = spawn_writer(s, 8);
+    let paths: Vec<String> = (0..10).map(|i| format!("/s/limit-{i}")).collect();
+    for n in 1..=5u64 {
+        for (i, path) in paths.iter().enumerate() {
+            writer.send(part_tx(path, n, n * 100 + i as u64)).await;
+        }
+    }
+    let (result, acks) = writer.finish().await;
+    result.unwrap();
+    assert_eq!(acks.len(), 50);
+    for path in &paths {
+        assert_eq!(
+            keys(&server.url(path)).await,
+            expected_keys(1..=5),
+            "{path}"
+        );
+    }
+    let (overall, per_stream) = proxy.max_concurrency();
+    assert!(overall <= 3, "{overall} requests at once");
+    assert_eq!(per_stream, 1, "one request per stream at a time");
+}
+
+#[tokio::test]
+async fn an_in_process_replay_on_a_synced_stream_is_not_duplicated() {
+    let server = TestServer::start();
+    let path = "/s/replay";
+    let mut s = settings(server.base_url());
+    s.linger = Duration::from_millis(100);
+    let writer = spawn_writer(s, 64);
+    // The source reconnects after part 5 and replays from part 3; all of it is queued together
+    // behind the first append, so one batch could otherwise span the replay.
+    for n in (1..=5).chain(3..=8) {
+        writer.send(part(path, n)).await;
+    }
+    let (result, acks) = writer.finish().await;
+    result.unwrap();
+    assert_eq!(acks, [1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(keys(&server.url(path)).await, expected_keys(1..=8));
 }
