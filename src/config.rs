@@ -30,6 +30,16 @@ pub struct Config {
     pub users: Option<UsersConfig>,
     pub tables: Vec<TableConfig>,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// The operations endpoint (`/metrics`, `/healthz`, `/readyz`).
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    /// Where to listen; `None` disables the endpoint.
+    pub listen: Option<std::net::SocketAddr>,
+    /// `/readyz` fails when the oldest commit not yet durable is older than this.
+    pub ready_max_lag: Duration,
 }
 
 #[derive(Debug)]
@@ -180,6 +190,24 @@ struct RawConfig {
     tables: Vec<RawTable>,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawMetrics {
+    listen: String,
+    ready_max_lag_secs: u64,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics {
+            listen: String::new(),
+            ready_max_lag_secs: 60,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -494,8 +522,23 @@ impl RawConfig {
             }
         };
 
-        match (conn, base_url, path, format) {
-            (Some(conn), Some(base_url), Some(path), Some(format)) if problems.is_empty() => {
+        let metrics_listen = match self.metrics.listen.as_str() {
+            "" => Some(None),
+            addr => addr
+                .parse::<std::net::SocketAddr>()
+                .map(Some)
+                .map_err(|_| {
+                    problems.push(format!(
+                        "metrics.listen: {addr:?} is not an address like \"127.0.0.1:9187\" (empty disables the endpoint)"
+                    ))
+                })
+                .ok(),
+        };
+
+        match (conn, base_url, path, format, metrics_listen) {
+            (Some(conn), Some(base_url), Some(path), Some(format), Some(listen))
+                if problems.is_empty() =>
+            {
                 Ok(Config {
                     postgres: PostgresConfig {
                         conn,
@@ -519,6 +562,10 @@ impl RawConfig {
                     users,
                     tables,
                     log: LogConfig { format },
+                    metrics: MetricsConfig {
+                        listen,
+                        ready_max_lag: Duration::from_secs(self.metrics.ready_max_lag_secs),
+                    },
                 })
             }
             _ => Err(ConfigError { problems }),
@@ -723,6 +770,18 @@ route = { column = "owner_id" }
             &BASE.replace("http://localhost:4437", "ftp://x"),
             "streams.base_url",
         );
+    }
+
+    #[test]
+    fn metrics_listen_must_be_an_address() {
+        assert_problem(
+            &format!("{BASE}\n[metrics]\nlisten = \"localhost\"\n"),
+            "metrics.listen",
+        );
+        let c = Config::from_toml(&format!("{BASE}\n[metrics]\nlisten = \"127.0.0.1:9187\"\n"))
+            .unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9187".parse().unwrap()));
+        assert_eq!(Config::from_toml(BASE).unwrap().metrics.listen, None);
     }
 
     #[test]

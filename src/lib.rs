@@ -17,6 +17,8 @@ pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod lsn;
+pub mod metrics;
+pub mod ops;
 pub mod pipeline;
 pub mod router;
 pub mod source;

@@ -10,7 +10,7 @@ use tracing::{error, info};
 
 use pgds::config::{Config, LogFormat};
 use pgds::pipeline::{self, PipelineError};
-use pgds::{check, source};
+use pgds::{check, ops, source};
 
 /// Exit code for a configuration that cannot be loaded.
 const EXIT_CONFIG: u8 = 2;
@@ -94,6 +94,17 @@ async fn run(cfg: Config) -> ExitCode {
         let _ = stop_tx.send(true);
     });
     info!(version = env!("CARGO_PKG_VERSION"), "pgds starting");
+    if let Some(addr) = cfg.metrics.listen {
+        match ops::bind(addr).await {
+            Ok(listener) => {
+                tokio::spawn(ops::serve(listener, cfg.metrics.ready_max_lag));
+            }
+            Err(e) => {
+                error!(%addr, error = %e, "cannot listen for metrics.listen");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        }
+    }
     match pipeline::run(cfg, stop_rx).await {
         Ok(()) => {
             info!("pgds stopped");

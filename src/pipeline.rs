@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,20 +23,24 @@ use crate::check;
 use crate::checkpoint::{Tracker, store};
 use crate::config::Config;
 use crate::lsn::Lsn;
+use crate::metrics::METRICS;
 use crate::router::event::TxMeta;
 use crate::router::{Change, OldRow, RouteError, Router};
 use crate::source::connect::{self, ConnectError, SESSION_OPTIONS};
 use crate::source::pgoutput::{self, Message, OldTuple};
 use crate::source::slot::{self, SlotError, SlotState};
 use crate::source::value::TypeRegistry;
-use crate::source::{RelationCache, catalog, commit_time_rfc3339, tuple_fields};
+use crate::source::{
+    PG_EPOCH_UNIX_MICROS, RelationCache, catalog, commit_time_rfc3339, tuple_fields,
+};
 use crate::writer::part::{Part, TxToken};
 use crate::writer::{Writer, WriterError, WriterSettings};
 
 const APPLICATION_NAME: &str = "pgds";
 /// Parts between the session and the writer: the writer buffers up to `batch.max_buffered_bytes`
-/// behind this, so the channel itself only smooths hand-over.
-const PART_CHANNEL: usize = 256;
+/// behind this, so the channel only smooths hand-over. Each part is at most `batch.max_bytes`,
+/// which bounds what the channel can hold.
+const PART_CHANNEL: usize = 32;
 /// How often the checkpoint table is written while the checkpoint moves.
 const CHECKPOINT_SAVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a graceful shutdown waits for in-flight appends.
@@ -252,6 +257,8 @@ async fn session(
     let mut repl = ReplicationClient::connect(repl).await?;
     repl.wait_started().await?;
     *started = true;
+    METRICS.sessions_started.fetch_add(1, Relaxed);
+    METRICS.streaming.store(true, Relaxed);
     info!(slot = %pg.slot, publication = %pg.publication, %start, "replication started");
 
     let writer = Writer::new(writer_settings(cfg))?;
@@ -313,6 +320,7 @@ async fn session(
     };
 
     // Stop reading; what was handed to the writer is flushed, then the final checkpoint stored.
+    METRICS.streaming.store(false, Relaxed);
     repl.stop();
     state.assembler.abandon();
     state.tracker.abandon_open();
@@ -393,7 +401,11 @@ impl SessionState<'_> {
     /// Report a checkpoint that moved to Postgres and to the checkpoint table.
     fn publish(&mut self, repl: &ReplicationClient, ckpt: &watch::Sender<Lsn>) {
         let lsn = self.tracker.checkpoint();
+        METRICS
+            .oldest_pending_commit_micros
+            .store(self.tracker.oldest_pending_commit().unwrap_or(0), Relaxed);
         if lsn > self.published {
+            METRICS.confirmed_lsn.store(lsn.0, Relaxed);
             repl.update_applied_lsn(lsn.into());
             let _ = ckpt.send(lsn);
             self.published = lsn;
@@ -411,7 +423,9 @@ impl SessionState<'_> {
                 xid,
                 commit_time_micros,
             } => {
-                let token = self.tracker.open();
+                let token = self
+                    .tracker
+                    .open(commit_time_micros.saturating_add(PG_EPOCH_UNIX_MICROS));
                 let lsn = Lsn::from(final_lsn);
                 self.assembler.begin(token, lsn.0);
                 self.open = Some(OpenTx {
@@ -431,6 +445,7 @@ impl SessionState<'_> {
                 self.assembler.commit(&mut self.parts);
                 self.send_parts(parts).await?;
                 self.tracker.close(open.token, end_lsn.into());
+                METRICS.transactions_received.fetch_add(1, Relaxed);
             }
             ReplicationEvent::XLogData {
                 data, wal_start, ..
@@ -443,6 +458,7 @@ impl SessionState<'_> {
                 self.send_parts(parts).await?;
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => {
+                METRICS.received_lsn.fetch_max(wal_end.as_u64(), Relaxed);
                 if self.open.is_none() {
                     self.tracker.idle(wal_end.into());
                 }
@@ -482,6 +498,7 @@ impl SessionState<'_> {
             Message::Truncate { relations, .. } => {
                 for oid in relations {
                     if let Some(r) = self.relations.get(oid) {
+                        METRICS.truncates_not_propagated.fetch_add(1, Relaxed);
                         error!(table = %format!("{}.{}", r.namespace, r.name),
                             "TRUNCATE is not propagated to streams yet: clients keep the truncated rows until a resync");
                     }
@@ -504,6 +521,7 @@ impl SessionState<'_> {
             warn!(relation, "change outside a transaction ignored");
             return Ok(());
         };
+        METRICS.changes_received.fetch_add(1, Relaxed);
         let Self {
             router,
             assembler,

@@ -7,6 +7,7 @@ mod support;
 mod checkpoint;
 mod errors;
 mod harness;
+mod ops;
 mod pipeline;
 mod restart;
 mod types;

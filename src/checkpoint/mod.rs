@@ -17,6 +17,8 @@ use crate::writer::part::TxToken;
 #[derive(Debug)]
 struct Entry {
     token: TxToken,
+    /// Commit time (Unix microseconds), for the lag metric.
+    commit_micros: i64,
     /// Set when the transaction's Commit was received and all its parts were handed over.
     end_lsn: Option<Lsn>,
     outstanding: usize,
@@ -49,12 +51,18 @@ impl Tracker {
         self.entries.len()
     }
 
-    /// A transaction begins.
-    pub fn open(&mut self) -> TxToken {
+    /// Commit time (Unix microseconds) of the oldest transaction not yet covered.
+    pub fn oldest_pending_commit(&self) -> Option<i64> {
+        self.entries.front().map(|e| e.commit_micros)
+    }
+
+    /// A transaction that committed at `commit_micros` (Unix microseconds) begins.
+    pub fn open(&mut self, commit_micros: i64) -> TxToken {
         let token = TxToken(self.next);
         self.next += 1;
         self.entries.push_back(Entry {
             token,
+            commit_micros,
             end_lsn: None,
             outstanding: 0,
         });
@@ -154,11 +162,11 @@ mod tests {
     #[test]
     fn advances_only_past_complete_transactions_in_order() {
         let mut t = Tracker::new(Lsn(10));
-        let a = t.open();
+        let a = t.open(0);
         t.part_sent(a);
         t.part_sent(a);
         t.close(a, Lsn(20));
-        let b = t.open();
+        let b = t.open(0);
         t.part_sent(b);
         t.close(b, Lsn(30));
         assert_eq!(t.checkpoint(), Lsn(10));
@@ -174,7 +182,7 @@ mod tests {
     #[test]
     fn acks_before_commit_do_not_complete_the_transaction() {
         let mut t = Tracker::new(Lsn(0));
-        let a = t.open();
+        let a = t.open(0);
         t.part_sent(a);
         t.ack(a);
         assert_eq!(t.checkpoint(), Lsn(0));
@@ -185,11 +193,11 @@ mod tests {
     #[test]
     fn empty_transactions_behind_a_stall_coalesce() {
         let mut t = Tracker::new(Lsn(0));
-        let a = t.open();
+        let a = t.open(0);
         t.part_sent(a);
         t.close(a, Lsn(1));
         for i in 2..1000 {
-            let x = t.open();
+            let x = t.open(0);
             t.close(x, Lsn(i));
         }
         assert!(t.pending() <= 2, "{}", t.pending());
@@ -200,7 +208,7 @@ mod tests {
     #[test]
     fn idle_keepalive_advances_only_when_nothing_is_pending() {
         let mut t = Tracker::new(Lsn(5));
-        let a = t.open();
+        let a = t.open(0);
         t.idle(Lsn(50));
         assert_eq!(t.checkpoint(), Lsn(5));
         t.close(a, Lsn(7));
@@ -213,10 +221,10 @@ mod tests {
     #[test]
     fn abandoning_an_open_transaction_unblocks_nothing_it_should_not() {
         let mut t = Tracker::new(Lsn(0));
-        let a = t.open();
+        let a = t.open(0);
         t.part_sent(a);
         t.close(a, Lsn(3));
-        let b = t.open();
+        let b = t.open(0);
         t.part_sent(b);
         t.abandon_open();
         t.ack(a);

@@ -14,7 +14,7 @@ use pgoutput::{Datum, Relation, Tuple};
 use value::TypeRegistry;
 
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 /// The relations announced on the current replication session, by OID.
 #[derive(Debug, Default)]
@@ -63,7 +63,7 @@ pub fn tuple_fields(relation: &Relation, tuple: &Tuple, types: &TypeRegistry) ->
 
 /// A commit time (microseconds since 2000-01-01 UTC) as RFC 3339 with microseconds.
 pub fn commit_time_rfc3339(pg_micros: i64) -> String {
-    let unix = pg_micros.saturating_add(PG_EPOCH_OFFSET_MICROS);
+    let unix = pg_micros.saturating_add(PG_EPOCH_UNIX_MICROS);
     let secs = unix.div_euclid(1_000_000);
     let micros = unix.rem_euclid(1_000_000);
     let days = secs.div_euclid(86_400);
@@ -102,11 +102,11 @@ mod tests {
         // 2026-11-29T10:30:00.123456Z
         let unix = 1_795_948_200_123_456_i64;
         assert_eq!(
-            commit_time_rfc3339(unix - PG_EPOCH_OFFSET_MICROS),
+            commit_time_rfc3339(unix - PG_EPOCH_UNIX_MICROS),
             "2026-11-29T10:30:00.123456Z"
         );
         assert_eq!(
-            commit_time_rfc3339(951_782_400_000_000 - PG_EPOCH_OFFSET_MICROS),
+            commit_time_rfc3339(951_782_400_000_000 - PG_EPOCH_UNIX_MICROS),
             "2000-02-29T00:00:00.000000Z"
         );
     }
