@@ -49,6 +49,8 @@ pub struct PostgresConfig {
     pub publication: String,
     /// Let pgds run `ALTER TABLE … REPLICA IDENTITY FULL` on configured tables that need it.
     pub set_replica_identity_full: bool,
+    /// Copy the existing rows when pgds creates the slot.
+    pub initial_snapshot: bool,
 }
 
 /// Where and how to connect to Postgres, parsed from a `postgres://` URL.
@@ -220,6 +222,12 @@ struct RawPostgres {
     publication: String,
     #[serde(default)]
     set_replica_identity_full: bool,
+    #[serde(default = "yes")]
+    initial_snapshot: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_slot() -> String {
@@ -545,6 +553,7 @@ impl RawConfig {
                         slot: self.postgres.slot,
                         publication: self.postgres.publication,
                         set_replica_identity_full: self.postgres.set_replica_identity_full,
+                        initial_snapshot: self.postgres.initial_snapshot,
                     },
                     streams: StreamsConfig {
                         base_url,

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub streams_created: AtomicU64,
     pub streams_active: AtomicU64,
     pub sessions_started: AtomicU64,
+    pub snapshot_rows_copied: AtomicU64,
+    pub snapshot_rows_estimated: AtomicU64,
     batch_buckets: [AtomicU64; BATCH_BUCKETS.len()],
     batch_count: AtomicU64,
     batch_sum: AtomicU64,
@@ -68,6 +70,8 @@ impl Metrics {
             streams_created: AtomicU64::new(0),
             streams_active: AtomicU64::new(0),
             sessions_started: AtomicU64::new(0),
+            snapshot_rows_copied: AtomicU64::new(0),
+            snapshot_rows_estimated: AtomicU64::new(0),
             batch_buckets: [const { AtomicU64::new(0) }; BATCH_BUCKETS.len()],
             batch_count: AtomicU64::new(0),
             batch_sum: AtomicU64::new(0),
@@ -239,6 +243,18 @@ impl Metrics {
             "gauge",
             "Bytes held by the writer (bounded by batch.max_buffered_bytes).",
             load(&self.writer_held_bytes).to_string(),
+        );
+        metric(
+            "pgds_snapshot_rows_copied_total",
+            "counter",
+            "Rows read by initial copies.",
+            load(&self.snapshot_rows_copied).to_string(),
+        );
+        metric(
+            "pgds_snapshot_rows_estimated_total",
+            "counter",
+            "Rows the planner estimated for the tables of initial copies.",
+            load(&self.snapshot_rows_estimated).to_string(),
         );
         metric(
             "pgds_sessions_started_total",

@@ -28,13 +28,16 @@ use crate::router::event::TxMeta;
 use crate::router::{Change, OldRow, RouteError, Router};
 use crate::source::connect::{self, ConnectError, SESSION_OPTIONS};
 use crate::source::pgoutput::{self, Message, OldTuple};
-use crate::source::slot::{self, SlotError, SlotState};
+use crate::source::slot::{self, SlotError};
+use crate::source::snapshot::{self, SnapshotError};
 use crate::source::value::TypeRegistry;
 use crate::source::{
     PG_EPOCH_UNIX_MICROS, RelationCache, catalog, commit_time_rfc3339, tuple_fields,
 };
 use crate::writer::part::{Part, TxToken};
 use crate::writer::{Writer, WriterError, WriterSettings};
+
+mod copy;
 
 const APPLICATION_NAME: &str = "pgds";
 /// Parts between the session and the writer: the writer buffers up to `batch.max_buffered_bytes`
@@ -59,6 +62,10 @@ pub enum PipelineError {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Slot(#[from] SlotError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("initial copy of {table}: {detail}")]
+    Copy { table: String, detail: String },
     #[error("database error: {0}")]
     Db(#[from] tokio_postgres::Error),
     #[error("replication: {0}")]
@@ -119,10 +126,21 @@ fn sqlstate(e: &pgwire_replication::PgWireError) -> Option<&str> {
     text.get(at..at + 5)
 }
 
-/// Everything prepared once per process start.
+/// Everything prepared before a session.
 struct Prepared {
     router_keys: HashMap<crate::config::TableName, Vec<String>>,
     types: TypeRegistry,
+    slot: SlotPlan,
+}
+
+/// How the session gets its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotPlan {
+    /// The slot exists (and its initial copy, if any, is complete): stream from it.
+    Stream,
+    /// Create the slot with an exported snapshot and copy the existing rows first. `attempt` > 1
+    /// means an earlier copy was interrupted (or the slot was dropped): streams get `reset`.
+    Snapshot { attempt: i32 },
 }
 
 /// Run until `shutdown` turns true. Ok(()) after a graceful shutdown.
@@ -192,13 +210,49 @@ async fn prepare(cfg: &Config, client: &tokio_postgres::Client) -> Result<Prepar
     store::migrate(client).await?;
     let tables = check::replicated_tables(cfg);
     slot::ensure_publication(client, &cfg.postgres.publication, &tables).await?;
-    if slot::ensure_slot(client, &cfg.postgres.slot).await? == SlotState::Created {
-        store::reset(client, &cfg.postgres.slot).await?;
-    }
+    let slot = plan_slot(cfg, client).await?;
     let router_keys = catalog::primary_keys(client, cfg.tables.iter().map(|t| &t.table)).await?;
     let mut types = TypeRegistry::new();
     catalog::load_types(client, &mut types).await?;
-    Ok(Prepared { router_keys, types })
+    Ok(Prepared {
+        router_keys,
+        types,
+        slot,
+    })
+}
+
+/// Decide whether the session streams from an existing slot or creates it with a copy.
+async fn plan_slot(
+    cfg: &Config,
+    client: &tokio_postgres::Client,
+) -> Result<SlotPlan, PipelineError> {
+    let name = &cfg.postgres.slot;
+    let exists = slot::inspect_slot(client, name).await?.is_some();
+    let record = snapshot::load(client, name).await?;
+    if !cfg.postgres.initial_snapshot {
+        if !exists {
+            slot::create_slot(client, name).await?;
+            store::reset(client, name).await?;
+        }
+        return Ok(SlotPlan::Stream);
+    }
+    let attempt = record.map_or(1, |r| r.attempt + 1);
+    match (exists, record) {
+        (false, _) => Ok(SlotPlan::Snapshot { attempt }),
+        (true, Some(r)) => {
+            let checkpoint = store::load(client, name).await?.unwrap_or(Lsn::ZERO);
+            if checkpoint >= r.consistent_point {
+                Ok(SlotPlan::Stream)
+            } else {
+                warn!(slot = %name, consistent_point = %r.consistent_point, %checkpoint,
+                    "the initial copy was interrupted: dropping the slot to copy again");
+                slot::drop_slot(client, name).await?;
+                Ok(SlotPlan::Snapshot { attempt })
+            }
+        }
+        // A slot created before pgds copied rows (or by hand): stream from it.
+        (true, None) => Ok(SlotPlan::Stream),
+    }
 }
 
 fn writer_settings(cfg: &Config) -> WriterSettings {
@@ -240,7 +294,7 @@ async fn session(
         router.set_users(catalog::load_users(&client, &u.table, &u.column).await?);
     }
 
-    let repl = ReplicationConfig::new(
+    let repl_cfg = ReplicationConfig::new(
         pg.conn.host.clone(),
         pg.conn.user.clone(),
         pg.conn.password().to_owned(),
@@ -254,20 +308,11 @@ async fn session(
     .with_options(SESSION_OPTIONS)
     .with_status_interval(Duration::from_secs(1))
     .with_application_name(APPLICATION_NAME);
-    let mut repl = ReplicationClient::connect(repl).await?;
-    repl.wait_started().await?;
-    *started = true;
-    METRICS.sessions_started.fetch_add(1, Relaxed);
-    METRICS.streaming.store(true, Relaxed);
-    info!(slot = %pg.slot, publication = %pg.publication, %start, "replication started");
 
     let writer = Writer::new(writer_settings(cfg))?;
     let (part_tx, part_rx) = mpsc::channel::<Part>(PART_CHANNEL);
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
     let mut writer_task = tokio::spawn(writer.run(part_rx, ack_tx));
-
-    let (ckpt_tx, ckpt_rx) = watch::channel(start);
-    let saver = tokio::spawn(save_checkpoints(client, pg.slot.clone(), ckpt_rx));
 
     let mut state = SessionState {
         router,
@@ -283,7 +328,43 @@ async fn session(
         parts: Vec::new(),
         published: start,
         cfg: cfg.clone(),
+        bracket: None,
     };
+
+    let mut repl = match prepared.slot {
+        SlotPlan::Stream => ReplicationClient::connect(repl_cfg).await?,
+        SlotPlan::Snapshot { attempt } => {
+            let mut repl = ReplicationClient::connect_gated(repl_cfg).await?;
+            let exported = snapshot::create_slot(&mut repl, &pg.slot).await?;
+            store::reset(&client, &pg.slot).await?;
+            snapshot::record(&client, &pg.slot, exported.consistent_point, attempt).await?;
+            info!(slot = %pg.slot, consistent_point = %exported.consistent_point, attempt,
+                "created replication slot with an exported snapshot: copying existing rows");
+            let copied = tokio::select! {
+                biased;
+                _ = shutdown.changed() => Ok(None),
+                r = state.copy_snapshot(&exported, attempt > 1, &part_tx) => r.map(Some),
+                done = &mut writer_task => Err(match done {
+                    Ok(Err(e)) => e.into(),
+                    _ => PipelineError::StreamEnded,
+                }),
+            };
+            match copied? {
+                Some(()) => repl.start().await?,
+                // Shutdown during the copy: the next start copies again.
+                None => return Ok(()),
+            }
+            repl
+        }
+    };
+    repl.wait_started().await?;
+    *started = true;
+    METRICS.sessions_started.fetch_add(1, Relaxed);
+    METRICS.streaming.store(true, Relaxed);
+    info!(slot = %pg.slot, publication = %pg.publication, %start, "replication started");
+
+    let (ckpt_tx, ckpt_rx) = watch::channel(start);
+    let saver = tokio::spawn(save_checkpoints(client, pg.slot.clone(), ckpt_rx));
     let mut part_tx = Some(part_tx);
 
     let outcome: Result<(), PipelineError> = loop {
@@ -393,6 +474,8 @@ struct SessionState<'a> {
     parts: Vec<Part>,
     published: Lsn,
     cfg: Arc<Config>,
+    /// Set during the initial copy: streams get the snapshot bracket around their rows.
+    bracket: Option<copy::Bracket>,
 }
 
 const MAX_CACHED_PATHS: usize = 100_000;
@@ -448,8 +531,12 @@ impl SessionState<'_> {
                 METRICS.transactions_received.fetch_add(1, Relaxed);
             }
             ReplicationEvent::XLogData {
-                data, wal_start, ..
+                data,
+                wal_start,
+                wal_end,
+                ..
             } => {
+                METRICS.received_lsn.fetch_max(wal_end.as_u64(), Relaxed);
                 let msg = pgoutput::decode(&data).map_err(|source| PipelineError::Decode {
                     lsn: wal_start.into(),
                     source,
@@ -522,36 +609,50 @@ impl SessionState<'_> {
             return Ok(());
         };
         METRICS.changes_received.fetch_add(1, Relaxed);
+        let meta = open.meta.clone();
+        self.route(relation, &change, &meta)
+    }
+
+    /// Route one change and hand its events to the assembler, inside the snapshot bracket
+    /// while the initial copy runs.
+    fn route(
+        &mut self,
+        relation: u32,
+        change: &Change,
+        meta: &TxMeta,
+    ) -> Result<(), PipelineError> {
         let Self {
             router,
             assembler,
             paths,
             parts,
             cfg,
+            bracket,
             ..
         } = self;
-        router.route(
-            relation,
-            &change,
-            &open.meta,
-            &mut |user: &str, event: &Bytes| {
-                if paths.len() >= MAX_CACHED_PATHS {
-                    paths.clear();
-                }
-                let path = paths.entry(user.to_owned()).or_insert_with(|| {
-                    match cfg.streams.path.path_for(user) {
-                        Ok(p) => Some(p),
-                        Err(e) => {
-                            warn!(error = %e, "event for an invalid user id dropped");
-                            None
-                        }
+        router.route(relation, change, meta, &mut |user: &str, event: &Bytes| {
+            if paths.len() >= MAX_CACHED_PATHS {
+                paths.clear();
+            }
+            let path = paths.entry(user.to_owned()).or_insert_with(|| {
+                match cfg.streams.path.path_for(user) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        warn!(error = %e, "event for an invalid user id dropped");
+                        None
                     }
-                });
-                if let Some(path) = path {
-                    assembler.push(path, event.clone(), parts);
                 }
-            },
-        )?;
+            });
+            let Some(path) = path else {
+                METRICS.invalid_user_ids.fetch_add(1, Relaxed);
+                return;
+            };
+            METRICS.events_routed.fetch_add(1, Relaxed);
+            if let Some(b) = bracket.as_mut() {
+                b.open(path, assembler, parts);
+            }
+            assembler.push(path, event.clone(), parts);
+        })?;
         Ok(())
     }
 

@@ -10,4 +10,5 @@ mod harness;
 mod ops;
 mod pipeline;
 mod restart;
+mod snapshot;
 mod types;

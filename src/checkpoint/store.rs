@@ -7,10 +7,16 @@ use tokio_postgres::Client;
 use crate::lsn::Lsn;
 
 /// The migrations pgds applies at start-up, in order; each is idempotent.
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_checkpoint",
-    include_str!("../../migrations/0001_checkpoint.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_checkpoint",
+        include_str!("../../migrations/0001_checkpoint.sql"),
+    ),
+    (
+        "0002_snapshots",
+        include_str!("../../migrations/0002_snapshots.sql"),
+    ),
+];
 
 /// Apply every migration (idempotent).
 pub async fn migrate(client: &Client) -> Result<(), tokio_postgres::Error> {

@@ -26,6 +26,7 @@ impl Operation {
 /// Transaction facts every event of the transaction carries in its headers.
 #[derive(Debug, Clone)]
 pub struct TxMeta {
+    /// Empty for rows of the initial copy (no transaction produced them).
     pub xid: String,
     /// Commit time, RFC 3339 in UTC.
     pub timestamp: String,
@@ -51,6 +52,7 @@ impl Serialize for RowValue<'_> {
 #[derive(Serialize)]
 struct Headers<'a> {
     operation: &'static str,
+    #[serde(skip_serializing_if = "str::is_empty")]
     txid: &'a str,
     timestamp: &'a str,
     lsn: &'a str,

@@ -160,7 +160,7 @@ pub async fn primary_keys(
 
 /// Every user id in the users table, as text.
 pub async fn load_users(
-    client: &Client,
+    client: &impl tokio_postgres::GenericClient,
     table: &TableName,
     column: &str,
 ) -> Result<Vec<String>, tokio_postgres::Error> {

@@ -3,8 +3,10 @@
 
 pub mod catalog;
 pub mod connect;
+pub mod copy;
 pub mod pgoutput;
 pub mod slot;
+pub mod snapshot;
 pub mod value;
 
 use std::collections::HashMap;

@@ -115,18 +115,8 @@ pub async fn ensure_publication(
     Ok(())
 }
 
-/// What `ensure_slot` found or did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotState {
-    Created,
-    Existing,
-}
-
-/// Create the logical slot (pgoutput) or check the existing one.
-pub async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, SlotError> {
-    if inspect_slot(client, slot).await?.is_some() {
-        return Ok(SlotState::Existing);
-    }
+/// Create the logical slot (pgoutput) without a snapshot.
+pub async fn create_slot(client: &Client, slot: &str) -> Result<(), SlotError> {
     client
         .execute(
             "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -134,7 +124,16 @@ pub async fn ensure_slot(client: &Client, slot: &str) -> Result<SlotState, SlotE
         )
         .await?;
     info!(%slot, "created replication slot");
-    Ok(SlotState::Created)
+    Ok(())
+}
+
+/// Drop the slot (it must not be in use).
+pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), SlotError> {
+    client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await?;
+    info!(%slot, "dropped replication slot");
+    Ok(())
 }
 
 /// Check an existing slot; `None` when it does not exist.
