@@ -22,4 +22,5 @@ pub mod ops;
 pub mod pipeline;
 pub mod router;
 pub mod source;
+pub mod tail;
 pub mod writer;
