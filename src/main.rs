@@ -42,12 +42,31 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Re-emit the current state of a user, of a table's users, or of everyone: `reset`, then
+    /// the snapshot bracket, then live changes (the running pgds does the copy).
+    Resync {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(flatten)]
+        scope: ResyncScope,
+    },
+    /// Print a user's stream, one event per line: catch up from an offset, then follow it.
+    Tail {
+        /// The pgds configuration file: its [streams] section says where the stream is.
+        #[arg(long, short)]
+        config: PathBuf,
+        #[command(flatten)]
+        args: pgds::tail::TailArgs,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = match &cli.command {
-        Command::Run { config } | Command::Check { config } => config,
+        Command::Run { config }
+        | Command::Check { config }
+        | Command::Resync { config, .. }
+        | Command::Tail { config, .. } => config,
     };
     let cfg = match Config::load(path) {
         Ok(cfg) => cfg,
@@ -68,6 +87,14 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { .. } => run(cfg).await,
             Command::Check { .. } => check_command(cfg).await,
+            Command::Resync { scope, .. } => resync_command(cfg, scope).await,
+            Command::Tail { args, .. } => match pgds::tail::run(&cfg, args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!(error = %format_chain(&e), "tail stopped on an error");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            },
         }
     })
 }
@@ -130,6 +157,63 @@ async fn wait_for_signal() -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct ResyncScope {
+    /// One user's stream.
+    #[arg(long)]
+    user: Option<String>,
+    /// The streams of every user with rows in this table (schema.table, as configured).
+    #[arg(long)]
+    table: Option<String>,
+    /// Every stream.
+    #[arg(long)]
+    all: bool,
+}
+
+/// Ask the running pgds for a resync: a logical decoding message in the replication stream.
+async fn resync_command(cfg: Config, scope: ResyncScope) -> ExitCode {
+    if let Some(table) = &scope.table
+        && !cfg.tables.iter().any(|t| t.table.to_string() == *table)
+    {
+        eprintln!("pgds: table {table:?} is not configured (use schema.table as in [[tables]])");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let request = pgds::pipeline::ResyncRequest {
+        slot: cfg.postgres.slot.clone(),
+        user: scope.user,
+        table: scope.table,
+        all: scope.all,
+    };
+    let sent = async {
+        let client = source::connect::connect(&cfg.postgres.conn, "pgds-resync").await?;
+        let content = serde_json::to_string(&request).unwrap_or_default();
+        let row = client
+            .query_one(
+                "SELECT pg_logical_emit_message(true, $1, $2)::text",
+                &[&pgds::pipeline::REQUEST_PREFIX, &content],
+            )
+            .await?;
+        anyhow::Ok(row.get::<_, String>(0))
+    };
+    match sent.await {
+        Ok(lsn) => {
+            println!(
+                "resync requested at {lsn} for slot {:?}: the running pgds re-emits the state when it reaches it",
+                cfg.postgres.slot
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "pgds: cannot request the resync: {}",
+                format_chain(e.as_ref())
+            );
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }
 
 async fn check_command(cfg: Config) -> ExitCode {

@@ -21,7 +21,7 @@ use tracing::{debug, error, info, warn};
 use crate::assemble::Assembler;
 use crate::check;
 use crate::checkpoint::{Tracker, store};
-use crate::config::Config;
+use crate::config::{Config, TableName};
 use crate::lsn::Lsn;
 use crate::metrics::METRICS;
 use crate::router::event::TxMeta;
@@ -38,6 +38,9 @@ use crate::writer::part::{Part, TxToken};
 use crate::writer::{Writer, WriterError, WriterSettings};
 
 mod copy;
+mod resync;
+
+pub use resync::{REQUEST_PREFIX, Request as ResyncRequest};
 
 const APPLICATION_NAME: &str = "pgds";
 /// Parts between the session and the writer: the writer buffers up to `batch.max_buffered_bytes`
@@ -128,7 +131,7 @@ fn sqlstate(e: &pgwire_replication::PgWireError) -> Option<&str> {
 
 /// Everything prepared before a session.
 struct Prepared {
-    router_keys: HashMap<crate::config::TableName, Vec<String>>,
+    router_keys: HashMap<TableName, Vec<String>>,
     types: TypeRegistry,
     slot: SlotPlan,
 }
@@ -208,9 +211,23 @@ async fn prepare(cfg: &Config, client: &tokio_postgres::Client) -> Result<Prepar
         return Err(busy.into());
     }
     store::migrate(client).await?;
-    let tables = check::replicated_tables(cfg);
-    slot::ensure_publication(client, &cfg.postgres.publication, &tables).await?;
     let slot = plan_slot(cfg, client).await?;
+    // Tables that join the publication of a slot already streaming are backfilled: a resync of
+    // their users, requested in the very transaction that adds them.
+    let request = |table: Option<&TableName>| {
+        serde_json::to_string(&ResyncRequest {
+            slot: cfg.postgres.slot.clone(),
+            user: None,
+            table: table.map(ToString::to_string),
+            all: table.is_none(),
+        })
+        .unwrap_or_default()
+    };
+    let backfill: Option<slot::Backfill> = (slot == SlotPlan::Stream
+        && cfg.postgres.initial_snapshot)
+        .then_some((REQUEST_PREFIX, &request));
+    let tables = check::replicated_tables(cfg);
+    slot::ensure_publication(client, &cfg.postgres.publication, &tables, backfill).await?;
     let router_keys = catalog::primary_keys(client, cfg.tables.iter().map(|t| &t.table)).await?;
     let mut types = TypeRegistry::new();
     catalog::load_types(client, &mut types).await?;
@@ -329,6 +346,9 @@ async fn session(
         published: start,
         cfg: cfg.clone(),
         bracket: None,
+        audience: None,
+        skip: None,
+        resyncs: resync::Resyncs::default(),
     };
 
     let mut repl = match prepared.slot {
@@ -474,8 +494,13 @@ struct SessionState<'a> {
     parts: Vec<Part>,
     published: Lsn,
     cfg: Arc<Config>,
-    /// Set during the initial copy: streams get the snapshot bracket around their rows.
+    /// Set during a copy: streams get the snapshot bracket around their rows.
     bracket: Option<copy::Bracket>,
+    /// Set during a resync copy: only its audience receives rows.
+    audience: Option<resync::Copying>,
+    /// Set for a transaction whose effects a resync copy already holds: its audience skips it.
+    skip: Option<Option<Arc<std::collections::HashSet<String>>>>,
+    resyncs: resync::Resyncs,
 }
 
 const MAX_CACHED_PATHS: usize = 100_000;
@@ -506,10 +531,11 @@ impl SessionState<'_> {
                 xid,
                 commit_time_micros,
             } => {
+                let lsn = Lsn::from(final_lsn);
+                self.skip = self.before_transaction(xid, lsn, parts).await?;
                 let token = self
                     .tracker
                     .open(commit_time_micros.saturating_add(PG_EPOCH_UNIX_MICROS));
-                let lsn = Lsn::from(final_lsn);
                 self.assembler.begin(token, lsn.0);
                 self.open = Some(OpenTx {
                     token,
@@ -527,7 +553,10 @@ impl SessionState<'_> {
                 };
                 self.assembler.commit(&mut self.parts);
                 self.send_parts(parts).await?;
-                self.tracker.close(open.token, end_lsn.into());
+                self.skip = None;
+                if self.on_commit(open.token, end_lsn.into()).await? {
+                    self.tracker.close(open.token, end_lsn.into());
+                }
                 METRICS.transactions_received.fetch_add(1, Relaxed);
             }
             ReplicationEvent::XLogData {
@@ -550,9 +579,9 @@ impl SessionState<'_> {
                     self.tracker.idle(wal_end.into());
                 }
             }
-            ReplicationEvent::Message { prefix, .. } => {
-                debug!(%prefix, "logical decoding message ignored");
-            }
+            ReplicationEvent::Message {
+                prefix, content, ..
+            } => self.on_message(&prefix, &content),
             ReplicationEvent::StoppedAt { .. } => return Err(PipelineError::StreamEnded),
         }
         Ok(())
@@ -628,6 +657,8 @@ impl SessionState<'_> {
             parts,
             cfg,
             bracket,
+            audience,
+            skip,
             ..
         } = self;
         router.route(relation, change, meta, &mut |user: &str, event: &Bytes| {
@@ -643,6 +674,15 @@ impl SessionState<'_> {
                     }
                 }
             });
+            let excluded = match (&*audience, &*skip) {
+                (Some(resync::Copying(Some(only))), _) => !only.contains(user),
+                (_, Some(None)) => true,
+                (_, Some(Some(users))) => users.contains(user),
+                _ => false,
+            };
+            if excluded {
+                return;
+            }
             let Some(path) = path else {
                 METRICS.invalid_user_ids.fetch_add(1, Relaxed);
                 return;

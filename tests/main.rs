@@ -10,5 +10,7 @@ mod harness;
 mod ops;
 mod pipeline;
 mod restart;
+mod resync;
 mod snapshot;
+mod tail;
 mod types;

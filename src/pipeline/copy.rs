@@ -16,13 +16,14 @@ use tracing::info;
 
 use super::{PipelineError, SessionState};
 use crate::assemble::Assembler;
+use crate::config::TableName;
 use crate::metrics::{METRICS, unix_micros};
 use crate::router::event::TxMeta;
 use crate::router::{Change, Field};
 use crate::source::pgoutput::{Column, Relation};
 use crate::source::snapshot::{self, ExportedSnapshot};
 use crate::source::{PG_EPOCH_UNIX_MICROS, catalog, commit_time_rfc3339, connect, copy};
-use crate::writer::part::Part;
+use crate::writer::part::{Part, TxToken};
 
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -66,23 +67,44 @@ impl SessionState<'_> {
         parts: &mpsc::Sender<Part>,
     ) -> Result<(), PipelineError> {
         let cfg = self.cfg.clone();
-        let mut client = connect::connect(&cfg.postgres.conn, "pgds-snapshot").await?;
-        let tx = client.transaction().await?;
-        tx.batch_execute(&format!(
-            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+        let db = connect::connect(&cfg.postgres.conn, "pgds-snapshot").await?;
+        db.batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
             exported.name
         ))
         .await?;
         if let Some(u) = &cfg.users {
             self.router
-                .set_users(catalog::load_users(&tx, &u.table, &u.column).await?);
+                .set_users(catalog::load_users(&db, &u.table, &u.column).await?);
         }
-
-        let now = unix_micros();
-        let token = self.tracker.open(now);
+        let token = self.tracker.open(unix_micros());
         // Below every live commit LSN: the first transaction the slot decodes commits after
         // the consistent point.
         let seq_lsn = exported.consistent_point.0.saturating_sub(1);
+        let tables = cfg.tables.iter().map(|t| (t.table.clone(), None)).collect();
+        let lsn = exported.consistent_point.to_string();
+        self.copy_tables(&db, token, seq_lsn, &lsn, tables, reset, parts)
+            .await?;
+        db.batch_execute("COMMIT").await?;
+        self.tracker.close(token, exported.consistent_point);
+        Ok(())
+    }
+
+    /// Copy `tables` (each with an optional SQL condition) as of `db`'s snapshot into the
+    /// streams the audience allows, each stream's rows inside a snapshot bracket (opened with a
+    /// `reset` when asked), as parts of `token` with `Stream-Seq`s based on `seq_lsn`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn copy_tables(
+        &mut self,
+        db: &tokio_postgres::Client,
+        token: TxToken,
+        seq_lsn: u64,
+        lsn: &str,
+        tables: Vec<(TableName, Option<String>)>,
+        reset: bool,
+        parts: &mpsc::Sender<Part>,
+    ) -> Result<(), PipelineError> {
+        let now = unix_micros();
         self.assembler.begin(token, seq_lsn);
         self.bracket = Some(Bracket {
             reset,
@@ -91,85 +113,12 @@ impl SessionState<'_> {
         let meta = TxMeta {
             xid: String::new(),
             timestamp: commit_time_rfc3339(now - PG_EPOCH_UNIX_MICROS),
-            lsn: exported.consistent_point.to_string(),
+            lsn: lsn.to_owned(),
         };
-
-        for table in cfg.tables.iter().map(|t| t.table.clone()) {
-            let name = table.to_string();
-            let copy_err = |detail: String| PipelineError::Copy {
-                table: name.clone(),
-                detail,
-            };
-            let (oid, columns) = snapshot::columns(&tx, &table.schema, &table.name).await?;
-            let relation = Relation {
-                oid,
-                namespace: table.schema.clone(),
-                name: table.name.clone(),
-                replica_identity: b'd',
-                columns: columns
-                    .iter()
-                    .map(|(name, type_oid)| Column {
-                        is_key: false,
-                        name: name.clone(),
-                        type_oid: *type_oid,
-                        type_modifier: -1,
-                    })
-                    .collect(),
-            };
-            self.router.bind(&relation)?;
-            let estimate = snapshot::estimate_rows(&tx, oid).await?;
-            METRICS.snapshot_rows_estimated.fetch_add(estimate, Relaxed);
-            let list = columns
-                .iter()
-                .map(|(c, _)| catalog::quote_ident(c))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sql = format!("COPY {} ({list}) TO STDOUT", catalog::quote_table(&table));
-            let stream = tx.copy_out(&sql).await?;
-            futures_util::pin_mut!(stream);
-            let (started, mut last_report) = (Instant::now(), Instant::now());
-            let (mut rows, mut bytes) = (0u64, 0u64);
-            let mut pending = BytesMut::new();
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk?;
-                bytes += chunk.len() as u64;
-                pending.extend_from_slice(&chunk);
-                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                    let line = pending.split_to(end + 1);
-                    let values =
-                        copy::parse_line(&line[..end]).map_err(|e| copy_err(e.to_string()))?;
-                    if values.len() != columns.len() {
-                        return Err(copy_err(format!(
-                            "a row has {} values for {} columns",
-                            values.len(),
-                            columns.len()
-                        )));
-                    }
-                    let new = values
-                        .iter()
-                        .zip(&columns)
-                        .map(|(v, (_, oid))| match v {
-                            Some(text) => Field::Value(self.types.to_json(*oid, text)),
-                            None => Field::Value(serde_json::Value::Null),
-                        })
-                        .collect();
-                    self.route(oid, &Change::Insert { new }, &meta)?;
-                    self.send_parts(parts).await?;
-                    rows += 1;
-                    METRICS.snapshot_rows_copied.fetch_add(1, Relaxed);
-                }
-                if last_report.elapsed() >= PROGRESS_INTERVAL {
-                    last_report = Instant::now();
-                    report_progress(&name, rows, estimate, bytes, started);
-                }
-            }
-            if !pending.is_empty() {
-                return Err(copy_err("the last row has no line end".into()));
-            }
-            report_progress(&name, rows, estimate.max(rows), bytes, started);
+        for (table, condition) in tables {
+            self.copy_table(db, &table, condition.as_deref(), &meta, parts)
+                .await?;
         }
-        tx.commit().await?;
-
         let bracket = self.bracket.take();
         for stream in bracket.iter().flat_map(|b| b.opened.iter()) {
             self.assembler
@@ -177,11 +126,103 @@ impl SessionState<'_> {
         }
         self.assembler.commit(&mut self.parts);
         self.send_parts(parts).await?;
-        self.tracker.close(token, exported.consistent_point);
         info!(
             streams = bracket.map_or(0, |b| b.opened.len()),
-            "initial copy handed to the writer"
+            "copy handed to the writer"
         );
+        Ok(())
+    }
+
+    async fn copy_table(
+        &mut self,
+        db: &tokio_postgres::Client,
+        table: &TableName,
+        condition: Option<&str>,
+        meta: &TxMeta,
+        parts: &mpsc::Sender<Part>,
+    ) -> Result<(), PipelineError> {
+        let name = table.to_string();
+        let copy_err = |detail: String| PipelineError::Copy {
+            table: name.clone(),
+            detail,
+        };
+        let (oid, columns) = snapshot::columns(db, &table.schema, &table.name).await?;
+        let relation = Relation {
+            oid,
+            namespace: table.schema.clone(),
+            name: table.name.clone(),
+            replica_identity: b'd',
+            columns: columns
+                .iter()
+                .map(|(name, type_oid)| Column {
+                    is_key: false,
+                    name: name.clone(),
+                    type_oid: *type_oid,
+                    type_modifier: -1,
+                })
+                .collect(),
+        };
+        self.router.bind(&relation)?;
+        let estimate = snapshot::estimate_rows(db, oid).await?;
+        METRICS.snapshot_rows_estimated.fetch_add(estimate, Relaxed);
+        let list = columns
+            .iter()
+            .map(|(c, _)| catalog::quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = match condition {
+            None => format!("COPY {} ({list}) TO STDOUT", catalog::quote_table(table)),
+            Some(cond) => format!(
+                "COPY (SELECT {list} FROM {} WHERE {cond}) TO STDOUT",
+                catalog::quote_table(table)
+            ),
+        };
+        let stream = db.copy_out(&sql).await?;
+        futures_util::pin_mut!(stream);
+        let (started, mut last_report) = (Instant::now(), Instant::now());
+        let (mut rows, mut bytes) = (0u64, 0u64);
+        let mut pending = BytesMut::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            bytes += chunk.len() as u64;
+            pending.extend_from_slice(&chunk);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line = pending.split_to(end + 1);
+                let values = copy::parse_line(&line[..end]).map_err(|e| copy_err(e.to_string()))?;
+                if values.len() != columns.len() {
+                    return Err(copy_err(format!(
+                        "a row has {} values for {} columns",
+                        values.len(),
+                        columns.len()
+                    )));
+                }
+                let new = values
+                    .iter()
+                    .zip(&columns)
+                    .map(|(v, (_, oid))| match v {
+                        Some(text) => Field::Value(self.types.to_json(*oid, text)),
+                        None => Field::Value(serde_json::Value::Null),
+                    })
+                    .collect();
+                self.route(oid, &Change::Insert { new }, meta)?;
+                self.send_parts(parts).await?;
+                rows += 1;
+                METRICS.snapshot_rows_copied.fetch_add(1, Relaxed);
+            }
+            if last_report.elapsed() >= PROGRESS_INTERVAL {
+                last_report = Instant::now();
+                report_progress(&name, rows, estimate, bytes, started);
+            }
+        }
+        if !pending.is_empty() {
+            return Err(copy_err("the last row has no line end".into()));
+        }
+        report_progress(&name, rows, estimate.max(rows), bytes, started);
+        // Live changes keep the shape (and replica identity) the replication stream announced.
+        if let Some(live) = self.relations.get(oid) {
+            let live = live.clone();
+            self.router.bind(&live)?;
+        }
         Ok(())
     }
 }

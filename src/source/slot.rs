@@ -41,11 +41,19 @@ pub enum SlotError {
     Db(#[from] tokio_postgres::Error),
 }
 
-/// Create the publication for `tables` or add the tables it lacks.
+/// The logical decoding message that requests the copy of a table joining the publication
+/// (`None`: the whole publication is new): its prefix and its content for a table.
+pub type Backfill<'a> = (&'a str, &'a dyn Fn(Option<&TableName>) -> String);
+
+/// Create the publication for `tables` or add the tables it lacks. With `backfill` (a logical
+/// decoding message prefix and, per added table, its content), each addition commits together
+/// with that message, so the request to copy the table's rows has its exact place in the
+/// replication stream.
 pub async fn ensure_publication(
     client: &Client,
     publication: &str,
     tables: &[TableName],
+    backfill: Option<Backfill<'_>>,
 ) -> Result<(), SlotError> {
     let row = client
         .query_opt(
@@ -59,12 +67,17 @@ pub async fn ensure_publication(
         .collect::<Vec<_>>()
         .join(", ");
     let Some(row) = row else {
+        client.batch_execute("BEGIN").await?;
         client
             .batch_execute(&format!(
                 "CREATE PUBLICATION {} FOR TABLE {list}",
                 quote_ident(publication)
             ))
             .await?;
+        if let Some((prefix, content)) = &backfill {
+            emit(client, prefix, &content(None)).await?;
+        }
+        client.batch_execute("COMMIT").await?;
         info!(%publication, tables = %list, "created publication");
         return Ok(());
     };
@@ -94,6 +107,7 @@ pub async fn ensure_publication(
             .iter()
             .any(|(s, n)| *s == t.schema && *n == t.name)
         {
+            client.batch_execute("BEGIN").await?;
             client
                 .batch_execute(&format!(
                     "ALTER PUBLICATION {} ADD TABLE {}",
@@ -101,7 +115,11 @@ pub async fn ensure_publication(
                     quote_table(t)
                 ))
                 .await?;
-            info!(%publication, table = %t, "added table to publication");
+            if let Some((prefix, content)) = &backfill {
+                emit(client, prefix, &content(Some(t))).await?;
+            }
+            client.batch_execute("COMMIT").await?;
+            info!(%publication, table = %t, backfill = backfill.is_some(), "added table to publication");
         }
     }
     for (schema, name) in &published {
@@ -112,6 +130,17 @@ pub async fn ensure_publication(
             warn!(%publication, table = %format!("{schema}.{name}"), "publication has a table that is not configured; its changes are ignored");
         }
     }
+    Ok(())
+}
+
+/// Write a transactional logical decoding message.
+async fn emit(client: &Client, prefix: &str, content: &str) -> Result<(), SlotError> {
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1, $2)",
+            &[&prefix, &content],
+        )
+        .await?;
     Ok(())
 }
 
