@@ -51,6 +51,7 @@ const PART_CHANNEL: usize = 32;
 const CHECKPOINT_SAVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a graceful shutdown waits for in-flight appends.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const FIRST_RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
 /// How long a first start waits for a slot held by another session before giving up.
 const SLOT_BUSY_WAIT: Duration = Duration::from_secs(15);
@@ -149,16 +150,22 @@ enum SlotPlan {
 /// Run until `shutdown` turns true. Ok(()) after a graceful shutdown.
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), PipelineError> {
     let cfg = Arc::new(cfg);
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = FIRST_RECONNECT_BACKOFF;
     let mut started = false;
     let mut busy_since: Option<Instant> = None;
     loop {
+        let mut streamed = false;
         let result = async {
             let client = connect::connect(&cfg.postgres.conn, APPLICATION_NAME).await?;
             let prepared = prepare(&cfg, &client).await?;
-            session(&cfg, &prepared, client, shutdown.clone(), &mut started).await
+            session(&cfg, &prepared, client, shutdown.clone(), &mut streamed).await
         }
         .await;
+        // A session that streamed ends one incident: the next one's backoff starts over.
+        if streamed {
+            started = true;
+            backoff = FIRST_RECONNECT_BACKOFF;
+        }
         match result {
             Ok(()) => return Ok(()),
             // A slot held by another session: the walsender of a pgds that just died lingers

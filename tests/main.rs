@@ -6,6 +6,7 @@ mod support;
 
 mod checkpoint;
 mod errors;
+mod faults;
 mod harness;
 mod ops;
 mod pipeline;

@@ -60,7 +60,14 @@ pub(crate) struct Dispatcher {
     next_lag_refresh: Instant,
     /// The published list of most lagging streams may be non-empty.
     lag_listed: bool,
+    /// Since when the buffer is full (see `note_backpressure`), and when that was last logged.
+    full_since: Option<Instant>,
+    pause_logged_at: Option<Instant>,
 }
+
+/// How long the buffer stays full before the pause is logged, and how often it is logged again.
+const PAUSE_LOG_AFTER: Duration = Duration::from_secs(5);
+const PAUSE_LOG_EVERY: Duration = Duration::from_secs(30);
 
 impl Dispatcher {
     pub fn new(
@@ -86,6 +93,8 @@ impl Dispatcher {
             counts: Counts::default(),
             next_lag_refresh: Instant::now(),
             lag_listed: false,
+            full_since: None,
+            pause_logged_at: None,
         }
     }
 
@@ -112,6 +121,7 @@ impl Dispatcher {
             let timer = self.timers.peek().map(|Reverse((at, _))| *at);
             let timer = timer.into_iter().chain(lag_refresh).min();
             let can_read = self.input_open && self.held_bytes <= self.max_buffered_bytes;
+            self.note_backpressure(Instant::now());
             tokio::select! {
                 biased;
                 Some(joined) = self.in_flight.join_next() => {
@@ -124,6 +134,36 @@ impl Dispatcher {
                 },
                 else => return Err(WriterError::Internal("the dispatcher has nothing to wait for")),
             }
+        }
+    }
+
+    /// Backpressure in the log: once the buffer has been full for `PAUSE_LOG_AFTER` (full means
+    /// over `max_buffered_bytes`, until it drains to half of it), say that replication is paused,
+    /// again every `PAUSE_LOG_EVERY` while it lasts, and say when it resumes.
+    fn note_backpressure(&mut self, now: Instant) {
+        if self.held_bytes > self.max_buffered_bytes {
+            let since = *self.full_since.get_or_insert(now);
+            let due = self
+                .pause_logged_at
+                .map_or(since + PAUSE_LOG_AFTER, |at| at + PAUSE_LOG_EVERY);
+            if now >= due {
+                warn!(
+                    buffered_bytes = self.held_bytes,
+                    paused_for_s = (now - since).as_secs(),
+                    streams = self.streams.len(),
+                    "the streams server is slower than the database: replication is paused while the writer's buffer is full"
+                );
+                self.pause_logged_at = Some(now);
+            }
+        } else if self.held_bytes <= self.max_buffered_bytes / 2 {
+            if let (Some(since), Some(_)) = (self.full_since, self.pause_logged_at) {
+                info!(
+                    paused_for_s = (now - since).as_secs(),
+                    "the streams server caught up: replication resumed"
+                );
+            }
+            self.full_since = None;
+            self.pause_logged_at = None;
         }
     }
 

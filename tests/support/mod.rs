@@ -8,7 +8,9 @@
 
 pub mod pgds;
 pub mod postgres;
+pub mod proxy;
 pub mod streams;
+pub mod workload;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub use self::pgds::{Pgds, run_check, run_check_with_env};
-pub use self::postgres::PgCluster;
+pub use self::postgres::{PgCluster, ShutdownMode};
 pub use self::streams::StreamsServer;
 
 /// The default deadline for a condition that should hold within seconds.
@@ -48,12 +50,17 @@ impl TestEnv {
 
     /// Like [`TestEnv::start`] with Postgres settings changed, e.g. `[("wal_level", "replica")]`.
     pub fn start_with(pg_settings: &[(&str, &str)]) -> TestEnv {
+        Self::start_with_initdb(&[], pg_settings)
+    }
+
+    /// Like [`TestEnv::start_with`], with extra `initdb` arguments (e.g. `["--wal-segsize=1"]`).
+    pub fn start_with_initdb(initdb_args: &[&str], pg_settings: &[(&str, &str)]) -> TestEnv {
         static NEXT: AtomicUsize = AtomicUsize::new(1);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         // Both take about a second: start them side by side.
         let (pg, streams) = std::thread::scope(|s| {
             let streams = s.spawn(StreamsServer::start);
-            let pg = PgCluster::start_with(pg_settings);
+            let pg = PgCluster::start_with_initdb(initdb_args, pg_settings);
             let streams = streams
                 .join()
                 .unwrap_or_else(|e| std::panic::resume_unwind(e));

@@ -85,6 +85,31 @@ impl Pgds {
         }
     }
 
+    /// A field of `/proc/PID/status` in KiB, e.g. `VmRSS` (resident memory now) or `VmHWM` (its
+    /// peak), while the process runs.
+    pub fn proc_status_kib(&self, field: &str) -> Option<u64> {
+        let pid = self.pid()?;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        text.lines().find_map(|line| {
+            let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+            rest.trim().strip_suffix("kB")?.trim().parse().ok()
+        })
+    }
+
+    /// SIGSTOP: freeze the process where it is (its connections stay open, it sends nothing).
+    pub fn freeze(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "STOP");
+        }
+    }
+
+    /// SIGCONT after [`Pgds::freeze`].
+    pub fn thaw(&self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "CONT");
+        }
+    }
+
     /// SIGKILL, as a crash would; waits for the process to be gone.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

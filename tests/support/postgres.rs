@@ -33,6 +33,17 @@ const DEFAULT_SETTINGS: &[(&str, &str)] = &[
     ("max_connections", "50"),
 ];
 
+/// How the postmaster is asked to stop, as `pg_ctl stop -m MODE` does it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShutdownMode {
+    /// SIGTERM: wait for every session to end (walsenders included).
+    Smart,
+    /// SIGINT: roll back open transactions, disconnect every session, checkpoint, exit.
+    Fast,
+    /// SIGQUIT: exit at once without a checkpoint; the next start runs crash recovery.
+    Immediate,
+}
+
 /// A running PostgreSQL cluster owned by one test.
 pub struct PgCluster {
     port: u16,
@@ -40,6 +51,8 @@ pub struct PgCluster {
     child: Option<Child>,
     /// Holds `data/` and `postgres.log`; removed on drop.
     dir: Option<TempDir>,
+    /// The `-c` settings the postmaster runs with (kept for a restart).
+    settings: Vec<(String, String)>,
 }
 
 impl PgCluster {
@@ -50,6 +63,11 @@ impl PgCluster {
 
     /// Start a cluster with some settings changed or added, e.g. `[("wal_level", "replica")]`.
     pub fn start_with(overrides: &[(&str, &str)]) -> PgCluster {
+        Self::start_with_initdb(&[], overrides)
+    }
+
+    /// Like [`PgCluster::start_with`], with extra `initdb` arguments, e.g. `["--wal-segsize=1"]`.
+    pub fn start_with_initdb(initdb_args: &[&str], overrides: &[(&str, &str)]) -> PgCluster {
         let dir = tempfile::Builder::new()
             .prefix("pgds-pg-")
             .tempdir()
@@ -59,7 +77,7 @@ impl PgCluster {
                 .expect("chown the cluster dir to the postgres user");
         }
         let log = dir.path().join("postgres.log");
-        initdb(dir.path(), &log);
+        initdb(dir.path(), &log, initdb_args);
 
         let mut settings: Vec<(String, String)> = DEFAULT_SETTINGS
             .iter()
@@ -80,6 +98,7 @@ impl PgCluster {
                     port,
                     child: Some(child),
                     dir: Some(dir),
+                    settings,
                 };
             }
             let text = fs::read_to_string(&log).unwrap_or_default();
@@ -159,6 +178,73 @@ impl PgCluster {
     /// The cluster's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The postmaster's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stop the postmaster with `mode` and wait until it exited (30 s, then SIGKILL); the data
+    /// dir stays for [`PgCluster::start_again`].
+    pub fn shutdown(&mut self, mode: ShutdownMode) {
+        self.shutdown_within(mode, Duration::from_secs(30));
+    }
+
+    /// [`PgCluster::shutdown`] with another deadline. (A fast shutdown waits until every
+    /// logical walsender's client confirmed all the WAL it was sent: a slow client delays it.)
+    pub fn shutdown_within(&mut self, mode: ShutdownMode, timeout: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let name = match mode {
+            ShutdownMode::Smart => "TERM",
+            ShutdownMode::Fast => "INT",
+            ShutdownMode::Immediate => "QUIT",
+        };
+        signal(child.id(), name);
+        if wait_child(&mut child, timeout).is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "postgres on port {} did not stop within {timeout:?} of SIG{name}; its log ends with:\n{}",
+                self.port,
+                log_tail(&self.log_path(), 30)
+            );
+        }
+    }
+
+    /// Start the postmaster again on the same port, data dir and settings, after
+    /// [`PgCluster::shutdown`]; waits until it accepts connections (crash recovery included).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the cluster is running");
+        let dir = self
+            .dir
+            .as_ref()
+            .expect("the cluster was not removed")
+            .path();
+        let log = dir.join("postgres.log");
+        // The port was ours a moment ago; another process may grab it meanwhile: retry briefly.
+        for _ in 0..50 {
+            let mut child = spawn_postmaster(dir, &log, &self.settings, self.port);
+            if wait_ready(&mut child, self.port, &log) {
+                self.child = Some(child);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "postgres did not start again on port {}; its log ends with:\n{}",
+            self.port,
+            log_tail(&log, 40)
+        );
+    }
+
+    /// Stop with `mode` and start again on the same port and data dir, as `pg_ctl restart -m
+    /// MODE` does.
+    pub fn restart(&mut self, mode: ShutdownMode) {
+        self.shutdown(mode);
+        self.start_again();
     }
 
     /// Immediate shutdown (SIGQUIT, then SIGKILL after 10 s) and removal of the temp dir.
@@ -250,7 +336,7 @@ fn append(path: &Path) -> File {
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
-fn initdb(dir: &Path, log: &Path) {
+fn initdb(dir: &Path, log: &Path, extra: &[&str]) {
     let out = server_command("initdb")
         .args([
             "-A",
@@ -262,6 +348,7 @@ fn initdb(dir: &Path, log: &Path) {
             "UTF8",
             "--locale=C",
         ])
+        .args(extra)
         .arg("-D")
         .arg(dir.join("data"))
         .current_dir(dir)

@@ -150,6 +150,46 @@ impl StreamsServer {
         self.dir.path().join("server.log")
     }
 
+    /// Whether the server's `Stream-Seq` memory on disk is up to date: every stream's metadata
+    /// sidecar (`data/streams/NAME.meta`, which holds `last_seq_header`) was written after its
+    /// data file last changed. The server writes sidecars at its WAL checkpoint (every ~3 s,
+    /// plus the checkpoint's own duration), so a crash before that forgets the seqs of the
+    /// latest appends while keeping their data.
+    pub fn seq_state_persisted(&self) -> bool {
+        let dir = self.dir.path().join("data/streams");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return true;
+        };
+        let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        entries.filter_map(Result::ok).all(|entry| {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "meta") {
+                return true;
+            }
+            let meta = PathBuf::from(format!("{}.meta", path.display()));
+            match (modified(&path), modified(&meta)) {
+                (Some(data), Some(meta)) => meta >= data,
+                // Not a stream data file (lane markers), or no sidecar yet.
+                (_, None) => !path
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().contains('~')),
+                (None, Some(_)) => true,
+            }
+        })
+    }
+
+    /// Poll [`StreamsServer::seq_state_persisted`] until it holds; panic after `timeout`.
+    pub fn wait_seq_state_persisted(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.seq_state_persisted() {
+            assert!(
+                Instant::now() < deadline,
+                "the streams server did not persist its Stream-Seq state within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Every message of the JSON stream at `path` (e.g. `/v1/stream/user/alice/data`), from the
     /// beginning, following `Stream-Next-Offset` until `Stream-Up-To-Date`. A stream that does
     /// not exist (404) reads as empty.
