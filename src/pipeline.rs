@@ -53,6 +53,9 @@ const CHECKPOINT_SAVE_INTERVAL: Duration = Duration::from_secs(1);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const FIRST_RECONNECT_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
+/// While replication is paused behind a slow sink, how often the slot's health and a shutdown
+/// request are checked (the paused replication connection cannot report either).
+const STALL_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// How long a first start waits for a slot held by another session before giving up.
 const SLOT_BUSY_WAIT: Duration = Duration::from_secs(15);
 
@@ -88,6 +91,10 @@ pub enum PipelineError {
     StreamEnded,
     #[error("in-flight appends did not finish within {0:?} of the shutdown request")]
     ShutdownTimeout(Duration),
+    /// A shutdown was requested while replication was paused: not a failure, the session
+    /// flushes what it can and stops.
+    #[error("shutdown requested while replication was paused")]
+    ShutdownWhilePaused,
 }
 
 impl PipelineError {
@@ -306,6 +313,7 @@ async fn session(
     mut shutdown: watch::Receiver<bool>,
     started: &mut bool,
 ) -> Result<(), PipelineError> {
+    let client = Arc::new(client);
     let pg = &cfg.postgres;
     let start = store::load(&client, &pg.slot).await?.unwrap_or(Lsn::ZERO);
 
@@ -315,7 +323,7 @@ async fn session(
         prepared.router_keys.clone(),
     );
     if let Some(u) = &cfg.users {
-        router.set_users(catalog::load_users(&client, &u.table, &u.column).await?);
+        router.set_users(catalog::load_users(client.as_ref(), &u.table, &u.column).await?);
     }
 
     let repl_cfg = ReplicationConfig::new(
@@ -356,6 +364,12 @@ async fn session(
         audience: None,
         skip: None,
         resyncs: resync::Resyncs::default(),
+        stall: Stall {
+            client: client.clone(),
+            slot: pg.slot.clone(),
+            shutdown: shutdown.clone(),
+            warned_unreserved: false,
+        },
     };
 
     let mut repl = match prepared.slot {
@@ -370,7 +384,10 @@ async fn session(
             let copied = tokio::select! {
                 biased;
                 _ = shutdown.changed() => Ok(None),
-                r = state.copy_snapshot(&exported, attempt > 1, &part_tx) => r.map(Some),
+                r = state.copy_snapshot(&exported, attempt > 1, &part_tx) => match r {
+                    Err(PipelineError::ShutdownWhilePaused) => Ok(None),
+                    r => r.map(Some),
+                },
                 done = &mut writer_task => Err(match done {
                     Ok(Err(e)) => e.into(),
                     _ => PipelineError::StreamEnded,
@@ -415,8 +432,13 @@ async fn session(
                 let Some(tx) = part_tx.as_ref() else { break Err(PipelineError::StreamEnded) };
                 match ev {
                     Ok(Some(ev)) => {
-                        if let Err(e) = state.handle(ev, tx).await {
-                            break Err(e);
+                        match state.handle(ev, tx).await {
+                            Ok(()) => {}
+                            Err(PipelineError::ShutdownWhilePaused) => {
+                                info!("shutdown requested while replication was paused: flushing");
+                                break Ok(());
+                            }
+                            Err(e) => break Err(e),
                         }
                         state.publish(&repl, &ckpt_tx);
                     }
@@ -469,7 +491,7 @@ async fn session(
 
 /// Store the checkpoint whenever it moved, at most once per interval, and once more at the end.
 async fn save_checkpoints(
-    client: tokio_postgres::Client,
+    client: Arc<tokio_postgres::Client>,
     slot: String,
     mut rx: watch::Receiver<Lsn>,
 ) -> Result<(), tokio_postgres::Error> {
@@ -508,6 +530,38 @@ struct SessionState<'a> {
     /// Set for a transaction whose effects a resync copy already holds: its audience skips it.
     skip: Option<Option<Arc<std::collections::HashSet<String>>>>,
     resyncs: resync::Resyncs,
+    stall: Stall,
+}
+
+/// What a session watches while replication is paused behind a slow sink: it reads nothing from
+/// the replication connection then, so a slot that Postgres invalidates (and whose walsender it
+/// terminates) or a shutdown request would go unnoticed until the sink caught up.
+struct Stall {
+    client: Arc<tokio_postgres::Client>,
+    slot: String,
+    shutdown: watch::Receiver<bool>,
+    warned_unreserved: bool,
+}
+
+impl Stall {
+    async fn check(&mut self) -> Result<(), PipelineError> {
+        if *self.shutdown.borrow() {
+            return Err(PipelineError::ShutdownWhilePaused);
+        }
+        match slot::wal_status(&self.client, &self.slot).await?.as_deref() {
+            Some("lost") => Err(SlotError::Invalidated {
+                slot: self.slot.clone(),
+            }
+            .into()),
+            Some("unreserved") if !self.warned_unreserved => {
+                self.warned_unreserved = true;
+                warn!(slot = %self.slot,
+                    "the slot is about to be invalidated (wal_status = unreserved): the sink is too slow for max_slot_wal_keep_size");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 const MAX_CACHED_PATHS: usize = 100_000;
@@ -712,9 +766,13 @@ impl SessionState<'_> {
     async fn send_parts(&mut self, tx: &mpsc::Sender<Part>) -> Result<(), PipelineError> {
         for part in self.parts.drain(..) {
             self.tracker.part_sent(part.tx);
-            tx.send(part)
-                .await
-                .map_err(|_| PipelineError::StreamEnded)?;
+            let permit = loop {
+                match tokio::time::timeout(STALL_CHECK_INTERVAL, tx.reserve()).await {
+                    Ok(permit) => break permit.map_err(|_| PipelineError::StreamEnded)?,
+                    Err(_) => self.stall.check().await?,
+                }
+            };
+            permit.send(part);
         }
         Ok(())
     }

@@ -165,6 +165,18 @@ pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), SlotError> {
     Ok(())
 }
 
+/// The slot's `wal_status` (`reserved`, `extended`, `unreserved`, `lost`); `None` when the slot
+/// does not exist.
+pub async fn wal_status(client: &Client, slot: &str) -> Result<Option<String>, SlotError> {
+    Ok(client
+        .query_opt(
+            "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?
+        .map(|row| row.get(0)))
+}
+
 /// Check an existing slot; `None` when it does not exist.
 pub async fn inspect_slot(client: &Client, slot: &str) -> Result<Option<()>, SlotError> {
     let Some(row) = client

@@ -7,9 +7,9 @@
 use std::time::{Duration, Instant};
 
 use crate::faults;
-use crate::support::proxy::FaultProxy;
+use crate::support::proxy::{Block, FaultProxy};
 use crate::support::workload::{self, Spec, Workload, current_wal, fmt_lsn};
-use crate::support::{Pgds, TestEnv, free_port, parse_lsn};
+use crate::support::{Pgds, TestEnv, free_port, parse_lsn, signal};
 
 const MIB: u64 = 1 << 20;
 /// `[batch]` for this test: 64 KiB appends, 1 MiB writer buffer.
@@ -208,4 +208,74 @@ async fn a_slow_sink_pauses_replication_and_memory_stays_bounded() {
         started.elapsed(),
         fmt_lsn(written_from)
     );
+}
+
+/// A SIGTERM while replication is paused behind a sink that refuses everything is not lost in
+/// the pause: pgds stops reading, flushes once the sink answers again, exits 0, and a restart
+/// delivers the rest exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_while_paused_flushes_and_exits() {
+    let env = TestEnv::start();
+    let db = env.client().await;
+    workload::install(&db).await;
+    let proxy = FaultProxy::start(env.streams.port(), 5);
+    let config = faults::config(
+        &env,
+        Some(&proxy.base_url()),
+        "max_bytes = 16384\nmax_buffered_bytes = 65536\nmax_backoff_ms = 500",
+        "",
+    );
+    let mut pgds = Pgds::spawn(&config);
+    env.wait_streaming(&mut pgds).await;
+    proxy.set_block(Some(Block::Status(503)));
+    let work = Workload::start(
+        env.url(),
+        Spec {
+            seed: 6,
+            users: 2,
+            transactions: 100,
+            pace: Duration::ZERO,
+            body: (ROW_BYTES, ROW_BYTES),
+            big_every: 1,
+            big_rows: 100,
+            big_inserts_only: true,
+            rollback_every: 0,
+            ..Spec::default()
+        },
+    );
+    work.finish(Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pgds.log().contains("replication is paused") {
+        pgds.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "replication did not pause; the log ends with:\n{}",
+            pgds.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    signal(pgds.pid().expect("pgds runs"), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pgds
+        .log()
+        .contains("shutdown requested while replication was paused")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "pgds did not notice the shutdown while paused; the log ends with:\n{}",
+            pgds.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.set_block(None);
+    let status = pgds.wait_exit(Duration::from_secs(40)).await;
+    assert!(
+        status.success(),
+        "pgds exited with {status}:\n{}",
+        pgds.log_tail(20)
+    );
+
+    let _pgds = Pgds::spawn(&config);
+    workload::verify(&env, &db, Duration::from_secs(60)).await;
 }
