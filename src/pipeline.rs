@@ -27,6 +27,7 @@ use crate::metrics::METRICS;
 use crate::router::event::TxMeta;
 use crate::router::{Change, OldRow, RouteError, Router};
 use crate::source::connect::{self, ConnectError, SESSION_OPTIONS};
+use crate::source::frozen;
 use crate::source::pgoutput::{self, Message, OldTuple};
 use crate::source::slot::{self, SlotError};
 use crate::source::snapshot::{self, SnapshotError};
@@ -142,16 +143,25 @@ struct Prepared {
     router_keys: HashMap<TableName, Vec<String>>,
     types: TypeRegistry,
     slot: SlotPlan,
+    fingerprint: String,
 }
 
 /// How the session gets its slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum SlotPlan {
     /// The slot exists (and its initial copy, if any, is complete): stream from it.
     Stream,
-    /// Create the slot with an exported snapshot and copy the existing rows first. `attempt` > 1
-    /// means an earlier copy was interrupted (or the slot was dropped): streams get `reset`.
+    /// Create the slot with an exported snapshot, freeze the existing rows and copy them first.
+    /// `attempt` > 1 means the streams may hold rows of an earlier slot (dropped, invalidated,
+    /// or a copy that could not be replayed): they get `reset`.
     Snapshot { attempt: i32 },
+    /// The slot's copy was interrupted: replay it from its frozen rows (the streams server
+    /// refuses what it already holds), then stream.
+    Resume {
+        attempt: i32,
+        consistent_point: Lsn,
+        frozen: frozen::Frozen,
+    },
 }
 
 /// Run until `shutdown` turns true. Ok(()) after a graceful shutdown.
@@ -225,7 +235,9 @@ async fn prepare(cfg: &Config, client: &tokio_postgres::Client) -> Result<Prepar
         return Err(busy.into());
     }
     store::migrate(client).await?;
-    let slot = plan_slot(cfg, client).await?;
+    let router_keys = catalog::primary_keys(client, cfg.tables.iter().map(|t| &t.table)).await?;
+    let fingerprint = copy_fingerprint(cfg, &router_keys);
+    let slot = plan_slot(cfg, client, &fingerprint).await?;
     // Tables that join the publication of a slot already streaming are backfilled: a resync of
     // their users, requested in the very transaction that adds them.
     let request = |table: Option<&TableName>| {
@@ -242,20 +254,35 @@ async fn prepare(cfg: &Config, client: &tokio_postgres::Client) -> Result<Prepar
         .then_some((REQUEST_PREFIX, &request));
     let tables = check::replicated_tables(cfg);
     slot::ensure_publication(client, &cfg.postgres.publication, &tables, backfill).await?;
-    let router_keys = catalog::primary_keys(client, cfg.tables.iter().map(|t| &t.table)).await?;
     let mut types = TypeRegistry::new();
     catalog::load_types(client, &mut types).await?;
     Ok(Prepared {
         router_keys,
         types,
         slot,
+        fingerprint,
     })
+}
+
+/// Everything that decides the parts of an initial copy besides the frozen rows: a copy is
+/// replayed only under the same one.
+fn copy_fingerprint(cfg: &Config, router_keys: &HashMap<TableName, Vec<String>>) -> String {
+    let mut keys: Vec<_> = router_keys
+        .iter()
+        .map(|(t, k)| (t.to_string(), k))
+        .collect();
+    keys.sort();
+    format!(
+        "tables={:?} users={:?} keys={keys:?} path={:?} max_bytes={} max_buffered_bytes={}",
+        cfg.tables, cfg.users, cfg.streams.path, cfg.batch.max_bytes, cfg.batch.max_buffered_bytes
+    )
 }
 
 /// Decide whether the session streams from an existing slot or creates it with a copy.
 async fn plan_slot(
     cfg: &Config,
     client: &tokio_postgres::Client,
+    fingerprint: &str,
 ) -> Result<SlotPlan, PipelineError> {
     let name = &cfg.postgres.slot;
     let exists = slot::inspect_slot(client, name).await?.is_some();
@@ -267,19 +294,46 @@ async fn plan_slot(
         }
         return Ok(SlotPlan::Stream);
     }
-    let attempt = record.map_or(1, |r| r.attempt + 1);
     match (exists, record) {
-        (false, _) => Ok(SlotPlan::Snapshot { attempt }),
+        (false, _) => {
+            frozen::discard(client, name).await?;
+            Ok(SlotPlan::Snapshot {
+                attempt: record.map_or(1, |r| r.attempt + 1),
+            })
+        }
         (true, Some(r)) => {
             let checkpoint = store::load(client, name).await?.unwrap_or(Lsn::ZERO);
             if checkpoint >= r.consistent_point {
-                Ok(SlotPlan::Stream)
-            } else {
-                warn!(slot = %name, consistent_point = %r.consistent_point, %checkpoint,
-                    "the initial copy was interrupted: dropping the slot to copy again");
-                slot::drop_slot(client, name).await?;
-                Ok(SlotPlan::Snapshot { attempt })
+                frozen::discard(client, name).await?;
+                return Ok(SlotPlan::Stream);
             }
+            let why = match frozen::load(client, name).await? {
+                // The freeze itself was interrupted: nothing of this attempt was appended.
+                None => None,
+                Some(f) if f.fingerprint != fingerprint => {
+                    Some("the configuration changed since it started")
+                }
+                Some(f) if !frozen::intact(client, &f).await? => {
+                    Some("its frozen rows were lost (a Postgres crash empties unlogged tables)")
+                }
+                Some(f) => {
+                    info!(slot = %name, consistent_point = %r.consistent_point, %checkpoint,
+                        "the initial copy was interrupted: replaying it from its frozen rows");
+                    return Ok(SlotPlan::Resume {
+                        attempt: r.attempt,
+                        consistent_point: r.consistent_point,
+                        frozen: f,
+                    });
+                }
+            };
+            warn!(slot = %name, consistent_point = %r.consistent_point, %checkpoint,
+                reason = why.unwrap_or("it was interrupted before its rows were frozen"),
+                "the initial copy cannot be replayed: dropping the slot to copy again");
+            frozen::discard(client, name).await?;
+            slot::drop_slot(client, name).await?;
+            Ok(SlotPlan::Snapshot {
+                attempt: r.attempt + i32::from(why.is_some()),
+            })
         }
         // A slot created before pgds copied rows (or by hand): stream from it.
         (true, None) => Ok(SlotPlan::Stream),
@@ -372,33 +426,39 @@ async fn session(
         },
     };
 
-    let mut repl = match prepared.slot {
+    let mut repl = match &prepared.slot {
         SlotPlan::Stream => ReplicationClient::connect(repl_cfg).await?,
-        SlotPlan::Snapshot { attempt } => {
+        &SlotPlan::Snapshot { attempt } => {
             let mut repl = ReplicationClient::connect_gated(repl_cfg).await?;
             let exported = snapshot::create_slot(&mut repl, &pg.slot).await?;
             store::reset(&client, &pg.slot).await?;
             snapshot::record(&client, &pg.slot, exported.consistent_point, attempt).await?;
             info!(slot = %pg.slot, consistent_point = %exported.consistent_point, attempt,
                 "created replication slot with an exported snapshot: copying existing rows");
-            let copied = tokio::select! {
-                biased;
-                _ = shutdown.changed() => Ok(None),
-                r = state.copy_snapshot(&exported, attempt > 1, &part_tx) => match r {
-                    Err(PipelineError::ShutdownWhilePaused) => Ok(None),
-                    r => r.map(Some),
-                },
-                done = &mut writer_task => Err(match done {
-                    Ok(Err(e)) => e.into(),
-                    _ => PipelineError::StreamEnded,
-                }),
+            let copy = async {
+                let frozen = state
+                    .freeze(&exported, prepared.fingerprint.clone())
+                    .await?;
+                state
+                    .copy_frozen(&frozen, exported.consistent_point, attempt > 1, &part_tx)
+                    .await
             };
-            match copied? {
-                Some(()) => repl.start().await?,
-                // Shutdown during the copy: the next start copies again.
-                None => return Ok(()),
+            if !copy_or_stop(copy, &mut shutdown, &mut writer_task).await? {
+                return Ok(());
             }
+            repl.start().await?;
             repl
+        }
+        SlotPlan::Resume {
+            attempt,
+            consistent_point,
+            frozen,
+        } => {
+            let copy = state.copy_frozen(frozen, *consistent_point, *attempt > 1, &part_tx);
+            if !copy_or_stop(copy, &mut shutdown, &mut writer_task).await? {
+                return Ok(());
+            }
+            ReplicationClient::connect(repl_cfg).await?
         }
     };
     repl.wait_started().await?;
@@ -408,7 +468,18 @@ async fn session(
     info!(slot = %pg.slot, publication = %pg.publication, %start, "replication started");
 
     let (ckpt_tx, ckpt_rx) = watch::channel(start);
-    let saver = tokio::spawn(save_checkpoints(client, pg.slot.clone(), ckpt_rx));
+    let copied_until = match &prepared.slot {
+        SlotPlan::Stream => None,
+        SlotPlan::Snapshot { .. } | SlotPlan::Resume { .. } => snapshot::load(&client, &pg.slot)
+            .await?
+            .map(|r| r.consistent_point),
+    };
+    let saver = tokio::spawn(save_checkpoints(
+        client,
+        pg.slot.clone(),
+        ckpt_rx,
+        copied_until,
+    ));
     let mut part_tx = Some(part_tx);
 
     let outcome: Result<(), PipelineError> = loop {
@@ -489,11 +560,35 @@ async fn session(
     outcome.and(flushed)
 }
 
+/// Run an initial copy unless a shutdown comes first (false: the next start replays the copy)
+/// or the writer fails.
+async fn copy_or_stop(
+    copy: impl Future<Output = Result<(), PipelineError>>,
+    shutdown: &mut watch::Receiver<bool>,
+    writer_task: &mut tokio::task::JoinHandle<Result<(), WriterError>>,
+) -> Result<bool, PipelineError> {
+    tokio::select! {
+        biased;
+        _ = shutdown.changed() => Ok(false),
+        r = copy => match r {
+            Ok(()) => Ok(true),
+            Err(PipelineError::ShutdownWhilePaused) => Ok(false),
+            Err(e) => Err(e),
+        },
+        done = writer_task => Err(match done {
+            Ok(Err(e)) => e.into(),
+            _ => PipelineError::StreamEnded,
+        }),
+    }
+}
+
 /// Store the checkpoint whenever it moved, at most once per interval, and once more at the end.
+/// Once a stored checkpoint covers the initial copy (`copied_until`), its frozen rows go.
 async fn save_checkpoints(
     client: Arc<tokio_postgres::Client>,
     slot: String,
     mut rx: watch::Receiver<Lsn>,
+    mut copied_until: Option<Lsn>,
 ) -> Result<(), tokio_postgres::Error> {
     let mut saved = *rx.borrow_and_update();
     loop {
@@ -503,6 +598,11 @@ async fn save_checkpoints(
             store::save(&client, &slot, lsn).await?;
             debug!(%lsn, "checkpoint stored");
             saved = lsn;
+        }
+        if copied_until.is_some_and(|c| saved >= c) {
+            copied_until = None;
+            info!(%slot, "initial copy complete");
+            frozen::discard(&client, &slot).await?;
         }
         if closed {
             return Ok(());

@@ -1,15 +1,18 @@
 //! Complete from the start: rows that exist when pgds creates its slot are copied into the
 //! streams inside a snapshot bracket, then live changes follow with no gap and no overlap, also
-//! with writes during the copy and when pgds is killed in the middle of it.
+//! with writes during the copy and when pgds is killed in the middle of it (the copy is then
+//! replayed from its frozen rows and each row lands exactly once).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{Pgds, TIMEOUT, TestEnv, materialize, ops, summarize, wait_for};
+use crate::support::{Pgds, ShutdownMode, TIMEOUT, TestEnv, materialize, ops, summarize, wait_for};
 
 const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+/// Rows that exist before pgds starts, in the tests of a copy under writes and kills.
+const ROWS: i64 = 100_000;
 
 const SCHEMA: &str = "
     CREATE TABLE todos (
@@ -73,13 +76,22 @@ async fn expected(
     out
 }
 
-/// Apply `events` and fail on an insert of a row the stream already holds (a row twice), or a
-/// change outside the first snapshot bracket's order rules. Counts are after the last `reset`.
+/// Apply `events` and fail on an insert of a row the stream already holds (a row twice), an
+/// update of a row it does not hold, or any control event but one snapshot bracket.
 fn assert_each_row_once(user: &str, events: &[Value]) {
+    let controls: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["headers"]["control"].as_str())
+        .collect();
+    assert_eq!(
+        controls,
+        ["snapshot-start", "snapshot-end"],
+        "{user}: {}",
+        summarize(events)
+    );
     let mut present: HashMap<String, bool> = HashMap::new();
     for e in events {
         match e["headers"]["control"].as_str() {
-            Some("reset") => present.clear(),
             Some(_) => {}
             None => {
                 let key = e["key"].as_str().unwrap().to_owned();
@@ -167,13 +179,13 @@ async fn writes_during_the_copy_are_neither_lost_nor_doubled() {
     let env = TestEnv::start();
     let db = env.client().await;
     db.batch_execute(SCHEMA).await.unwrap();
-    seed(&db, 1, 20_000).await;
+    seed(&db, 1, ROWS).await;
     let mut pgds = Pgds::spawn(&slow_sink_config(&env));
     // Writes while the copy runs: updates and deletes of copied rows, owner changes, inserts.
     let writer = env.client().await;
     let work = tokio::spawn(async move {
         for i in 0..200_i64 {
-            let id = 1 + (i * 97) % 20_000;
+            let id = 1 + (i * 97) % ROWS;
             let sql = match i % 4 {
                 0 => "UPDATE todos SET title = 'during ' || $1::bigint WHERE id = $1::bigint",
                 1 => "UPDATE todos SET owner_id = 'dave' WHERE id = $1::bigint",
@@ -192,11 +204,11 @@ async fn writes_during_the_copy_are_neither_lost_nor_doubled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_copy_killed_midway_restarts_with_a_reset() {
+async fn a_copy_killed_midway_is_replayed_exactly_once() {
     let env = TestEnv::start();
     let db = env.client().await;
     db.batch_execute(SCHEMA).await.unwrap();
-    seed(&db, 1, 20_000).await;
+    seed(&db, 1, ROWS).await;
     let config = slow_sink_config(&env);
     let mut pgds = Pgds::spawn(&config);
     // Kill once the copy has reached the streams but before it is complete.
@@ -223,22 +235,83 @@ async fn a_copy_killed_midway_restarts_with_a_reset() {
     let mut pgds = Pgds::spawn(&config);
     env.wait_streaming(&mut pgds).await;
     db.execute(
-        "INSERT INTO todos (id, owner_id, title) VALUES (100000, 'alice', 'after')",
+        "INSERT INTO todos (id, owner_id, title) VALUES (1000000, 'alice', 'after')",
         &[],
     )
     .await
     .unwrap();
     assert_streams_match_sql(&env, &db).await;
-    let alice = env.events("alice").await;
-    let resets = alice
-        .iter()
-        .filter(|e| e["headers"]["control"] == "reset")
-        .count();
-    assert_eq!(resets, 1, "the second copy starts with one reset");
+    assert!(
+        pgds.log().contains("replaying it from its frozen rows"),
+        "the restart did not replay the copy; its log ends with:\n{}",
+        pgds.log_tail(30)
+    );
     let attempt: i32 = db
         .query_one("SELECT attempt FROM pgds.snapshots", &[])
         .await
         .unwrap()
         .get(0);
-    assert_eq!(attempt, 2);
+    assert_eq!(attempt, 1, "the slot was created again");
+    // Once the copy is complete, its frozen rows are dropped.
+    wait_for(TIMEOUT, "the frozen copy to be dropped", async || {
+        db.query_one(
+            "SELECT (SELECT count(*) FROM pgds.frozen) + \
+             (SELECT count(*) FROM pg_tables WHERE schemaname = 'pgds' AND tablename LIKE 'copy\\_%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 0
+    })
+    .await;
+}
+
+/// A Postgres crash during the copy empties its unlogged frozen rows: pgds notices, creates the
+/// slot again and copies anew behind a `reset`, and the streams still end equal to SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_whose_frozen_rows_were_lost_starts_again_behind_a_reset() {
+    let mut env = TestEnv::start();
+    let db = env.client().await;
+    db.batch_execute(SCHEMA).await.unwrap();
+    seed(&db, 1, 20_000).await;
+    let config = slow_sink_config(&env);
+    let mut pgds = Pgds::spawn(&config);
+    wait_for(TIMEOUT, "the copy to reach alice's stream", async || {
+        env.events("alice").await.len() > 10
+    })
+    .await;
+    pgds.kill();
+    drop(db);
+    env.pg.restart(ShutdownMode::Immediate);
+    let db = env.client().await;
+
+    let mut pgds = Pgds::spawn(&config);
+    env.wait_streaming(&mut pgds).await;
+    assert!(
+        pgds.log().contains("frozen rows were lost"),
+        "pgds did not notice the lost frozen rows; its log ends with:\n{}",
+        pgds.log_tail(30)
+    );
+    let want = expected(&db).await;
+    for user in USERS {
+        let want = &want[user];
+        wait_for(
+            TIMEOUT,
+            &format!("{user}'s stream to equal SQL"),
+            async || materialize(&env.events(user).await) == *want,
+        )
+        .await;
+    }
+    let alice = env.events("alice").await;
+    let controls: Vec<&str> = alice
+        .iter()
+        .filter_map(|e| e["headers"]["control"].as_str())
+        .collect();
+    assert_eq!(
+        controls.iter().filter(|&&c| c == "reset").count(),
+        1,
+        "{controls:?}"
+    );
+    assert_eq!(controls.last(), Some(&"snapshot-end"), "{controls:?}");
 }

@@ -16,6 +16,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_snapshots",
         include_str!("../../migrations/0002_snapshots.sql"),
     ),
+    (
+        "0003_frozen",
+        include_str!("../../migrations/0003_frozen.sql"),
+    ),
 ];
 
 /// Apply every migration (idempotent).

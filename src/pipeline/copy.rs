@@ -1,8 +1,10 @@
-//! The initial copy inside a session: every configured table is read with `COPY … TO STDOUT`
-//! in a transaction that imported the slot's exported snapshot (see `source::snapshot`), each
-//! row routed like a live insert, and each stream's rows bracketed by `snapshot-start` /
-//! `snapshot-end` (preceded by `reset` when an earlier copy was interrupted). Rows stream
-//! through the assembler in bounded chunks: no table is held in memory.
+//! The initial copy inside a session: every configured table is frozen in a transaction that
+//! imported the slot's exported snapshot (see `source::snapshot` and `source::frozen`), then
+//! read back with `COPY … TO STDOUT`, each row routed like a live insert, and each stream's rows
+//! bracketed by `snapshot-start` / `snapshot-end` (preceded by `reset` when the streams may hold
+//! rows of an earlier slot). Rows stream through the assembler in bounded chunks: no table is
+//! held in memory. The copy is a pure function of the frozen rows and the configuration, so a
+//! restart after a crash replays it with the same `Stream-Seq`s: each row lands exactly once.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,9 +19,11 @@ use tracing::info;
 use super::{PipelineError, SessionState};
 use crate::assemble::Assembler;
 use crate::config::TableName;
+use crate::lsn::Lsn;
 use crate::metrics::{METRICS, unix_micros};
 use crate::router::event::TxMeta;
 use crate::router::{Change, Field};
+use crate::source::frozen::{self, Frozen};
 use crate::source::pgoutput::{Column, Relation};
 use crate::source::snapshot::{self, ExportedSnapshot};
 use crate::source::{PG_EPOCH_UNIX_MICROS, catalog, commit_time_rfc3339, connect, copy};
@@ -29,6 +33,35 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
 fn control(name: &str) -> Bytes {
     Bytes::from(format!(r#"{{"headers":{{"control":"{name}"}}}}"#))
+}
+
+/// A table to copy: its rows come from `from` (the table itself or its frozen copy), limited by
+/// an optional SQL condition; `rows` is the exact count when known.
+pub(super) struct CopySource {
+    pub table: TableName,
+    pub from: TableName,
+    pub condition: Option<String>,
+    pub rows: Option<u64>,
+}
+
+impl CopySource {
+    pub fn live(table: TableName, condition: Option<String>) -> Self {
+        CopySource {
+            from: table.clone(),
+            table,
+            condition,
+            rows: None,
+        }
+    }
+}
+
+/// How the copy counts as a transaction: its tracker token, the LSN its `Stream-Seq`s are based
+/// on, the LSN and time its events carry.
+pub(super) struct CopyTx {
+    pub token: TxToken,
+    pub seq_lsn: u64,
+    pub lsn: Lsn,
+    pub at_micros: i64,
 }
 
 /// The streams that received the opening of the snapshot bracket.
@@ -58,69 +91,110 @@ impl Bracket {
 }
 
 impl SessionState<'_> {
-    /// Copy every configured table from `exported`, then close each stream's bracket. The copy
-    /// is one transaction for the tracker, ending at the consistent point.
-    pub(super) async fn copy_snapshot(
-        &mut self,
+    /// Freeze the configured tables (and users) at the slot's `exported` snapshot, recorded
+    /// for the slot with `fingerprint`; committed before anything is appended.
+    pub(super) async fn freeze(
+        &self,
         exported: &ExportedSnapshot,
+        fingerprint: String,
+    ) -> Result<Frozen, PipelineError> {
+        let cfg = &self.cfg;
+        let db = connect::connect(&cfg.postgres.conn, "pgds-snapshot").await?;
+        db.batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SET TRANSACTION SNAPSHOT '{}'",
+            exported.name
+        ))
+        .await?;
+        let tables: Vec<TableName> = cfg.tables.iter().map(|t| t.table.clone()).collect();
+        let users = cfg.users.as_ref().map(|u| (&u.table, u.column.as_str()));
+        let frozen = frozen::freeze(
+            &db,
+            &cfg.postgres.slot,
+            &tables,
+            users,
+            fingerprint,
+            unix_micros(),
+        )
+        .await?;
+        db.batch_execute("COMMIT").await?;
+        Ok(frozen)
+    }
+
+    /// Copy every configured table from its `frozen` rows, then close each stream's bracket.
+    /// The copy is one transaction for the tracker, ending at the consistent point.
+    pub(super) async fn copy_frozen(
+        &mut self,
+        frozen: &Frozen,
+        consistent_point: Lsn,
         reset: bool,
         parts: &mpsc::Sender<Part>,
     ) -> Result<(), PipelineError> {
         let cfg = self.cfg.clone();
         let db = connect::connect(&cfg.postgres.conn, "pgds-snapshot").await?;
-        db.batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
-            exported.name
-        ))
-        .await?;
-        if let Some(u) = &cfg.users {
+        // Every read of a frozen table must return its rows in the same order: no scan may
+        // start in the middle of the table to join another one.
+        db.batch_execute("SET synchronize_seqscans = off").await?;
+        if let (Some(u), Some(users)) = (&cfg.users, &frozen.users) {
             self.router
-                .set_users(catalog::load_users(&db, &u.table, &u.column).await?);
+                .set_users(catalog::load_users(&db, &users.name(), &u.column).await?);
         }
-        let token = self.tracker.open(unix_micros());
-        // Below every live commit LSN: the first transaction the slot decodes commits after
-        // the consistent point.
-        let seq_lsn = exported.consistent_point.0.saturating_sub(1);
-        let tables = cfg.tables.iter().map(|t| (t.table.clone(), None)).collect();
-        let lsn = exported.consistent_point.to_string();
-        self.copy_tables(&db, token, seq_lsn, &lsn, tables, reset, parts)
-            .await?;
-        db.batch_execute("COMMIT").await?;
-        self.tracker.close(token, exported.consistent_point);
+        let mut tables = Vec::with_capacity(frozen.tables.len());
+        for (t, f) in cfg.tables.iter().zip(&frozen.tables) {
+            if t.table.to_string() != f.table {
+                return Err(PipelineError::Copy {
+                    table: t.table.to_string(),
+                    detail: format!("the frozen copy holds {} in its place", f.table),
+                });
+            }
+            tables.push(CopySource {
+                table: t.table.clone(),
+                from: f.name(),
+                condition: None,
+                rows: Some(f.rows),
+            });
+        }
+        let tx = CopyTx {
+            token: self.tracker.open(frozen.copied_at_micros),
+            // Below every live commit LSN: the first transaction the slot decodes commits
+            // after the consistent point.
+            seq_lsn: consistent_point.0.saturating_sub(1),
+            lsn: consistent_point,
+            at_micros: frozen.copied_at_micros,
+        };
+        let token = tx.token;
+        self.copy_tables(&db, &tx, tables, reset, parts).await?;
+        self.tracker.close(token, consistent_point);
         Ok(())
     }
 
-    /// Copy `tables` (each with an optional SQL condition) as of `db`'s snapshot into the
-    /// streams the audience allows, each stream's rows inside a snapshot bracket (opened with a
-    /// `reset` when asked), as parts of `token` with `Stream-Seq`s based on `seq_lsn`.
-    #[allow(clippy::too_many_arguments)]
+    /// Copy `tables` as of `db`'s snapshot into the streams the audience allows, each stream's
+    /// rows inside a snapshot bracket (opened with a `reset` when asked), as parts of `tx`.
     pub(super) async fn copy_tables(
         &mut self,
         db: &tokio_postgres::Client,
-        token: TxToken,
-        seq_lsn: u64,
-        lsn: &str,
-        tables: Vec<(TableName, Option<String>)>,
+        tx: &CopyTx,
+        tables: Vec<CopySource>,
         reset: bool,
         parts: &mpsc::Sender<Part>,
     ) -> Result<(), PipelineError> {
-        let now = unix_micros();
-        self.assembler.begin(token, seq_lsn);
+        self.assembler.begin(tx.token, tx.seq_lsn);
         self.bracket = Some(Bracket {
             reset,
             opened: HashSet::new(),
         });
         let meta = TxMeta {
             xid: String::new(),
-            timestamp: commit_time_rfc3339(now - PG_EPOCH_UNIX_MICROS),
-            lsn: lsn.to_owned(),
+            timestamp: commit_time_rfc3339(tx.at_micros - PG_EPOCH_UNIX_MICROS),
+            lsn: tx.lsn.to_string(),
         };
-        for (table, condition) in tables {
-            self.copy_table(db, &table, condition.as_deref(), &meta, parts)
-                .await?;
+        for source in tables {
+            self.copy_table(db, &source, &meta, parts).await?;
         }
         let bracket = self.bracket.take();
-        for stream in bracket.iter().flat_map(|b| b.opened.iter()) {
+        // In a fixed order: a replay must cut the same parts.
+        let mut opened: Vec<&Arc<str>> = bracket.iter().flat_map(|b| b.opened.iter()).collect();
+        opened.sort();
+        for stream in opened {
             self.assembler
                 .push(stream, control("snapshot-end"), &mut self.parts);
         }
@@ -136,17 +210,22 @@ impl SessionState<'_> {
     async fn copy_table(
         &mut self,
         db: &tokio_postgres::Client,
-        table: &TableName,
-        condition: Option<&str>,
+        source: &CopySource,
         meta: &TxMeta,
         parts: &mpsc::Sender<Part>,
     ) -> Result<(), PipelineError> {
+        let table = &source.table;
         let name = table.to_string();
         let copy_err = |detail: String| PipelineError::Copy {
             table: name.clone(),
             detail,
         };
-        let (oid, columns) = snapshot::columns(db, &table.schema, &table.name).await?;
+        let (oid, mut columns) = snapshot::columns(db, &table.schema, &table.name).await?;
+        if source.from != *table {
+            columns = snapshot::columns(db, &source.from.schema, &source.from.name)
+                .await?
+                .1;
+        }
         let relation = Relation {
             oid,
             namespace: table.schema.clone(),
@@ -163,19 +242,20 @@ impl SessionState<'_> {
                 .collect(),
         };
         self.router.bind(&relation)?;
-        let estimate = snapshot::estimate_rows(db, oid).await?;
+        let estimate = match source.rows {
+            Some(rows) => rows,
+            None => snapshot::estimate_rows(db, oid).await?,
+        };
         METRICS.snapshot_rows_estimated.fetch_add(estimate, Relaxed);
         let list = columns
             .iter()
             .map(|(c, _)| catalog::quote_ident(c))
             .collect::<Vec<_>>()
             .join(", ");
-        let sql = match condition {
-            None => format!("COPY {} ({list}) TO STDOUT", catalog::quote_table(table)),
-            Some(cond) => format!(
-                "COPY (SELECT {list} FROM {} WHERE {cond}) TO STDOUT",
-                catalog::quote_table(table)
-            ),
+        let from = catalog::quote_table(&source.from);
+        let sql = match &source.condition {
+            None => format!("COPY {from} ({list}) TO STDOUT"),
+            Some(cond) => format!("COPY (SELECT {list} FROM {from} WHERE {cond}) TO STDOUT"),
         };
         let stream = db.copy_out(&sql).await?;
         futures_util::pin_mut!(stream);

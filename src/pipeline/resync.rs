@@ -23,9 +23,11 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::copy::{CopySource, CopyTx};
 use super::{PipelineError, SessionState};
-use crate::config::{Route, TableName};
+use crate::config::Route;
 use crate::lsn::Lsn;
+use crate::metrics::unix_micros;
 use crate::source::catalog::{quote_ident, quote_table};
 use crate::source::connect;
 use crate::writer::part::{Part, TxToken};
@@ -261,12 +263,12 @@ impl SessionState<'_> {
         let Some(mut active) = self.resyncs.active.take() else {
             return Ok(());
         };
-        let tables: Vec<(TableName, Option<String>)> = self
+        let tables = self
             .cfg
             .tables
             .iter()
             .map(|t| {
-                (
+                CopySource::live(
                     t.table.clone(),
                     condition(&t.route, active.audience.as_deref()),
                 )
@@ -277,9 +279,12 @@ impl SessionState<'_> {
         let result = self
             .copy_tables(
                 &active.db,
-                active.queued.token,
-                before.0.saturating_sub(1),
-                &before.to_string(),
+                &CopyTx {
+                    token: active.queued.token,
+                    seq_lsn: before.0.saturating_sub(1),
+                    lsn: before,
+                    at_micros: unix_micros(),
+                },
                 tables,
                 true,
                 parts,

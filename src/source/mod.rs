@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod connect;
 pub mod copy;
+pub mod frozen;
 pub mod pgoutput;
 pub mod slot;
 pub mod snapshot;

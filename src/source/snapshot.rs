@@ -10,9 +10,8 @@
 //! counts as one transaction ending at C for the checkpoint: the copy is complete exactly when
 //! the checkpoint reaches C (`pgds.snapshots` records C).
 //!
-//! A crash during the copy cannot resume it: the exported snapshot died with the session. The
-//! slot is then dropped and created again with a new snapshot, and each stream that receives
-//! rows starts the new copy with a `reset` control event, so a client discards the partial copy.
+//! The exported snapshot dies with the session, so the copy reads rows frozen at it
+//! (`source::frozen`): a crash during the copy replays it identically.
 
 use tokio_postgres::Client;
 
