@@ -21,7 +21,7 @@ pub struct Metrics {
     pub changes_received: AtomicU64,
     pub events_routed: AtomicU64,
     pub invalid_user_ids: AtomicU64,
-    pub truncates_not_propagated: AtomicU64,
+    pub truncates: AtomicU64,
     pub events_appended: AtomicU64,
     pub bytes_appended: AtomicU64,
     pub appends_ok: AtomicU64,
@@ -60,7 +60,7 @@ impl Metrics {
             changes_received: AtomicU64::new(0),
             events_routed: AtomicU64::new(0),
             invalid_user_ids: AtomicU64::new(0),
-            truncates_not_propagated: AtomicU64::new(0),
+            truncates: AtomicU64::new(0),
             events_appended: AtomicU64::new(0),
             bytes_appended: AtomicU64::new(0),
             appends_ok: AtomicU64::new(0),
@@ -169,10 +169,10 @@ impl Metrics {
             load(&self.invalid_user_ids).to_string(),
         );
         metric(
-            "pgds_truncates_not_propagated_total",
+            "pgds_truncates_total",
             "counter",
-            "TRUNCATEs of routed tables that streams did not receive.",
-            load(&self.truncates_not_propagated).to_string(),
+            "TRUNCATEs of routed tables (each re-emits the state of the users whose streams held its rows).",
+            load(&self.truncates).to_string(),
         );
         metric(
             "pgds_events_appended_total",

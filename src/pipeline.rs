@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::assemble::Assembler;
 use crate::check;
@@ -39,6 +39,7 @@ use crate::writer::part::{Part, TxToken};
 use crate::writer::{Writer, WriterError, WriterSettings};
 
 mod copy;
+mod holders;
 mod resync;
 
 pub use resync::{REQUEST_PREFIX, Request as ResyncRequest};
@@ -379,6 +380,8 @@ async fn session(
     if let Some(u) = &cfg.users {
         router.set_users(catalog::load_users(client.as_ref(), &u.table, &u.column).await?);
     }
+    let (pairs_tx, pairs_rx) = mpsc::unbounded_channel();
+    let holders = holders::Holders::load(&client, &pg.slot, &cfg.tables, pairs_tx).await?;
 
     let repl_cfg = ReplicationConfig::new(
         pg.conn.host.clone(),
@@ -418,6 +421,7 @@ async fn session(
         audience: None,
         skip: None,
         resyncs: resync::Resyncs::default(),
+        holders,
         stall: Stall {
             client: client.clone(),
             slot: pg.slot.clone(),
@@ -476,8 +480,9 @@ async fn session(
     };
     let saver = tokio::spawn(save_checkpoints(
         client,
-        pg.slot.clone(),
+        cfg.clone(),
         ckpt_rx,
+        pairs_rx,
         copied_until,
     ));
     let mut part_tx = Some(part_tx);
@@ -582,27 +587,32 @@ async fn copy_or_stop(
     }
 }
 
-/// Store the checkpoint whenever it moved, at most once per interval, and once more at the end.
-/// Once a stored checkpoint covers the initial copy (`copied_until`), its frozen rows go.
+/// Store the checkpoint whenever it moved, at most once per interval, and once more at the end;
+/// before it, the (table, user) pairs routed so far. Once a stored checkpoint covers the
+/// initial copy (`copied_until`), its frozen rows go.
 async fn save_checkpoints(
     client: Arc<tokio_postgres::Client>,
-    slot: String,
+    cfg: Arc<Config>,
     mut rx: watch::Receiver<Lsn>,
+    mut pairs: mpsc::UnboundedReceiver<holders::NewPair>,
     mut copied_until: Option<Lsn>,
 ) -> Result<(), tokio_postgres::Error> {
+    let slot = &cfg.postgres.slot;
     let mut saved = *rx.borrow_and_update();
     loop {
         let closed = rx.changed().await.is_err();
         let lsn = *rx.borrow_and_update();
         if lsn > saved {
-            store::save(&client, &slot, lsn).await?;
+            // Every pair of a transaction the checkpoint covers was sent before it moved.
+            holders::store(&client, slot, &cfg.tables, &mut pairs).await?;
+            store::save(&client, slot, lsn).await?;
             debug!(%lsn, "checkpoint stored");
             saved = lsn;
         }
         if copied_until.is_some_and(|c| saved >= c) {
             copied_until = None;
             info!(%slot, "initial copy complete");
-            frozen::discard(&client, &slot).await?;
+            frozen::discard(&client, slot).await?;
         }
         if closed {
             return Ok(());
@@ -630,6 +640,7 @@ struct SessionState<'a> {
     /// Set for a transaction whose effects a resync copy already holds: its audience skips it.
     skip: Option<Option<Arc<std::collections::HashSet<String>>>>,
     resyncs: resync::Resyncs,
+    holders: holders::Holders,
     stall: Stall,
 }
 
@@ -773,13 +784,7 @@ impl SessionState<'_> {
                 (relation, Change::Delete { old })
             }
             Message::Truncate { relations, .. } => {
-                for oid in relations {
-                    if let Some(r) = self.relations.get(oid) {
-                        METRICS.truncates_not_propagated.fetch_add(1, Relaxed);
-                        error!(table = %format!("{}.{}", r.namespace, r.name),
-                            "TRUNCATE is not propagated to streams yet: clients keep the truncated rows until a resync");
-                    }
-                }
+                self.on_truncate(&relations);
                 return Ok(());
             }
             Message::Type { oid, name, .. } => {
@@ -820,8 +825,10 @@ impl SessionState<'_> {
             bracket,
             audience,
             skip,
+            holders,
             ..
         } = self;
+        let table = router.table_index(relation);
         router.route(relation, change, meta, &mut |user: &str, event: &Bytes| {
             if paths.len() >= MAX_CACHED_PATHS {
                 paths.clear();
@@ -849,6 +856,9 @@ impl SessionState<'_> {
                 return;
             };
             METRICS.events_routed.fetch_add(1, Relaxed);
+            if let Some(table) = table {
+                holders.note(table, user);
+            }
             if let Some(b) = bracket.as_mut() {
                 b.open(path, assembler, parts);
             }

@@ -14,4 +14,5 @@ mod restart;
 mod resync;
 mod snapshot;
 mod tail;
+mod truncate;
 mod types;

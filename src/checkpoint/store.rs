@@ -20,6 +20,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_frozen",
         include_str!("../../migrations/0003_frozen.sql"),
     ),
+    (
+        "0004_stream_tables",
+        include_str!("../../migrations/0004_stream_tables.sql"),
+    ),
 ];
 
 /// Apply every migration (idempotent).

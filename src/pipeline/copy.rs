@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tracing::info;
 
-use super::{PipelineError, SessionState};
+use super::{PipelineError, SessionState, resync};
 use crate::assemble::Assembler;
 use crate::config::TableName;
 use crate::lsn::Lsn;
@@ -189,6 +189,20 @@ impl SessionState<'_> {
         };
         for source in tables {
             self.copy_table(db, &source, &meta, parts).await?;
+        }
+        // A user of an explicit audience without rows left still gets the bracket (and reset):
+        // an empty state is a state.
+        if let Some(resync::Copying(Some(only))) = &self.audience {
+            let mut users: Vec<&String> = only.iter().collect();
+            users.sort();
+            for user in users {
+                if let (Ok(path), Some(bracket)) =
+                    (self.cfg.streams.path.path_for(user), self.bracket.as_mut())
+                {
+                    bracket.open(&path, &mut self.assembler, &mut self.parts);
+                }
+            }
+            self.send_parts(parts).await?;
         }
         let bracket = self.bracket.take();
         // In a fixed order: a replay must cut the same parts.

@@ -18,6 +18,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -27,7 +28,7 @@ use super::copy::{CopySource, CopyTx};
 use super::{PipelineError, SessionState};
 use crate::config::Route;
 use crate::lsn::Lsn;
-use crate::metrics::unix_micros;
+use crate::metrics::{METRICS, unix_micros};
 use crate::source::catalog::{quote_ident, quote_table};
 use crate::source::connect;
 use crate::writer::part::{Part, TxToken};
@@ -90,10 +91,13 @@ impl PgSnapshot {
     }
 }
 
-/// A request waiting for its turn; its transaction's checkpoint entry stays open until then.
+/// The requests of one transaction, waiting for their turn; the transaction's checkpoint entry
+/// stays open until then.
 #[derive(Debug)]
 pub(super) struct Queued {
-    request: Request,
+    requests: Vec<Request>,
+    /// Users named by the transaction itself (whose streams held rows of a truncated table).
+    users: HashSet<String>,
     token: TxToken,
     end_lsn: Lsn,
 }
@@ -117,6 +121,8 @@ pub(super) struct Resyncs {
     active: Option<Active>,
     /// Requests read in the transaction being received.
     in_tx: Vec<Request>,
+    /// Users whose streams held rows of a table the transaction being received truncated.
+    truncated_for: HashSet<String>,
     next_watermark: u64,
 }
 
@@ -147,12 +153,18 @@ impl SessionState<'_> {
         end_lsn: Lsn,
     ) -> Result<bool, PipelineError> {
         let requests = std::mem::take(&mut self.resyncs.in_tx);
-        let Some(request) = requests.last().cloned() else {
+        let users = std::mem::take(&mut self.resyncs.truncated_for);
+        if requests.is_empty() && users.is_empty() {
             return Ok(true);
-        };
-        info!(?request, "resync requested");
+        }
+        if requests.is_empty() {
+            info!(users = users.len(), %end_lsn, "TRUNCATE: re-emitting the state of the users whose streams held the rows");
+        } else {
+            info!(?requests, "resync requested");
+        }
         self.resyncs.queue.push_back(Queued {
-            request,
+            requests,
+            users,
             token,
             end_lsn,
         });
@@ -180,7 +192,7 @@ impl SessionState<'_> {
             table: "-".into(),
             detail: format!("cannot read snapshot {text:?}"),
         })?;
-        let audience = self.audience_of(&db, &queued.request).await?;
+        let audience = self.audience_of(&db, &queued).await?;
         self.resyncs.next_watermark += 1;
         let watermark = format!("{}:{}", queued.end_lsn, self.resyncs.next_watermark);
         let marker = connect::connect(&cfg.postgres.conn, "pgds-resync").await?;
@@ -201,14 +213,30 @@ impl SessionState<'_> {
         Ok(())
     }
 
-    /// The users a request re-emits, read under the copy's snapshot.
+    /// The users a transaction's requests re-emit, read under the copy's snapshot.
     async fn audience_of(
         &self,
         db: &tokio_postgres::Client,
-        request: &Request,
+        queued: &Queued,
     ) -> Result<Audience, PipelineError> {
+        let mut users = queued.users.clone();
+        for request in &queued.requests {
+            match self.request_audience(db, request).await? {
+                None => return Ok(None),
+                Some(more) => users.extend(more),
+            }
+        }
+        Ok(Some(Arc::new(users)))
+    }
+
+    /// The users one request re-emits; `None` is everyone.
+    async fn request_audience(
+        &self,
+        db: &tokio_postgres::Client,
+        request: &Request,
+    ) -> Result<Option<HashSet<String>>, PipelineError> {
         if let Some(user) = &request.user {
-            return Ok(Some(Arc::new(HashSet::from([user.clone()]))));
+            return Ok(Some(HashSet::from([user.clone()])));
         }
         let Some(name) = &request.table else {
             return Ok(None);
@@ -220,7 +248,7 @@ impl SessionState<'_> {
             .find(|t| t.table.to_string() == *name)
         else {
             warn!(table = %name, "resync of a table that is not configured: nothing to do");
-            return Ok(Some(Arc::new(HashSet::new())));
+            return Ok(Some(HashSet::new()));
         };
         let Route::Column(column) = &table.route else {
             return Ok(None);
@@ -233,7 +261,24 @@ impl SessionState<'_> {
             t = quote_table(&table.table),
         );
         let users = db.query(&sql, &[]).await?;
-        Ok(Some(Arc::new(users.iter().map(|r| r.get(0)).collect())))
+        Ok(Some(users.iter().map(|r| r.get(0)).collect()))
+    }
+
+    /// A TRUNCATE of `relations` in the transaction being received: when it commits, the users
+    /// whose streams received rows of a truncated table get their state again (`reset`, then
+    /// their rows of every table), exactly like a resync.
+    pub(super) fn on_truncate(&mut self, relations: &[u32]) {
+        for &oid in relations {
+            let Some(table) = self.router.table_index(oid) else {
+                continue;
+            };
+            METRICS.truncates.fetch_add(1, Relaxed);
+            let users = &mut self.resyncs.truncated_for;
+            let before = users.len();
+            users.extend(self.holders.of(table).map(str::to_owned));
+            info!(table = %self.cfg.tables[table].table, users = users.len() - before,
+                "TRUNCATE: the streams that held its rows will be re-emitted");
+        }
     }
 
     /// A transaction with `xid` begins: emit a pending copy first if the snapshot does not see

@@ -83,6 +83,8 @@ pub enum RouteError {
 #[derive(Debug)]
 struct Binding {
     table: String,
+    /// Position of the table in the configuration (unused for the users table).
+    index: usize,
     alias: String,
     columns: Vec<String>,
     /// Columns that may leave the process, by position.
@@ -156,9 +158,13 @@ impl Router {
             Some(u) if u.table == name => Some(position(&u.column)?),
             _ => None,
         };
-        let config = self.tables.iter().find(|t| t.table == name);
+        let config = self
+            .tables
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.table == name);
         let binding = match config {
-            Some(config) => {
+            Some((index, config)) => {
                 let route = match &config.route {
                     Route::Column(c) => Some(position(c)?),
                     Route::All => None,
@@ -192,6 +198,7 @@ impl Router {
                     });
                 Binding {
                     table,
+                    index,
                     alias: config.alias.clone(),
                     columns,
                     included,
@@ -204,6 +211,7 @@ impl Router {
             }
             None if users_column.is_some() => Binding {
                 table,
+                index: usize::MAX,
                 alias: String::new(),
                 columns,
                 included: Vec::new(),
@@ -220,6 +228,14 @@ impl Router {
         };
         self.bindings.insert(relation.oid, binding);
         Ok(())
+    }
+
+    /// The position in the configuration of the routed table bound to `relation`.
+    pub fn table_index(&self, relation: u32) -> Option<usize> {
+        self.bindings
+            .get(&relation)
+            .filter(|b| b.routed)
+            .map(|b| b.index)
     }
 
     /// Route one change of `relation`. `emit(user, event)` is called once per target stream, in
