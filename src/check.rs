@@ -87,6 +87,43 @@ pub async fn check_database(
     Ok(report)
 }
 
+/// Why a table may need `REPLICA IDENTITY FULL`: routing or user id columns an UPDATE or
+/// DELETE must carry in its old row, and published TOASTable columns it may leave out.
+#[derive(Debug, Default)]
+struct IdentityNeeds {
+    routing: Vec<String>,
+    toast: Vec<String>,
+}
+
+fn identity_needs(cfg: &Config, table: &TableName, info: &TableInfo) -> IdentityNeeds {
+    let mut needs = IdentityNeeds::default();
+    if info.replica_identity == 'f' {
+        return needs;
+    }
+    let configured = cfg.table(&table.schema, &table.name);
+    if let Some(Route::Column(c)) = configured.map(|t| &t.route)
+        && info.has_column(c)
+        && !info.identity_covers(c)
+    {
+        needs.routing.push(c.clone());
+    }
+    if let Some(u) = cfg.users.as_ref().filter(|u| u.table == *table)
+        && info.has_column(&u.column)
+        && !info.identity_covers(&u.column)
+    {
+        needs.routing.push(u.column.clone());
+    }
+    if let Some(t) = configured {
+        needs.toast = info
+            .toastable
+            .iter()
+            .filter(|c| !info.identity_covers(c) && !t.exclude_columns.contains(c))
+            .cloned()
+            .collect();
+    }
+    needs
+}
+
 fn check_table(cfg: &Config, table: &TableName, info: &TableInfo, report: &mut Report) {
     let quoted = quote_table(table);
     if !info.can_select {
@@ -100,21 +137,18 @@ fn check_table(cfg: &Config, table: &TableName, info: &TableInfo, report: &mut R
             cfg.postgres.publication
         ));
     }
-    let mut need_full = Vec::new();
     if let Some(t) = cfg.table(&table.schema, &table.name) {
         if info.primary_key.is_empty() {
             report.problems.push(format!(
                 "table {table}: has no primary key; pgds keys events by it: add one (ALTER TABLE {quoted} ADD PRIMARY KEY (…))"
             ));
         }
-        if let Route::Column(c) = &t.route {
-            if !info.has_column(c) {
-                report.problems.push(format!(
-                    "table {table}: routing column {c:?} does not exist (tables[].route.column)"
-                ));
-            } else if !info.identity_covers(c) {
-                need_full.push(c.clone());
-            }
+        if let Route::Column(c) = &t.route
+            && !info.has_column(c)
+        {
+            report.problems.push(format!(
+                "table {table}: routing column {c:?} does not exist (tables[].route.column)"
+            ));
         }
         for c in &t.exclude_columns {
             if !info.has_column(c) {
@@ -124,24 +158,23 @@ fn check_table(cfg: &Config, table: &TableName, info: &TableInfo, report: &mut R
             }
         }
     }
-    if let Some(u) = cfg.users.as_ref().filter(|u| u.table == *table) {
-        if !info.has_column(&u.column) {
-            report.problems.push(format!(
-                "table {table}: user id column {:?} does not exist (users.column)",
-                u.column
-            ));
-        } else if !info.identity_covers(&u.column) {
-            need_full.push(u.column.clone());
-        }
+    if let Some(u) = cfg.users.as_ref().filter(|u| u.table == *table)
+        && !info.has_column(&u.column)
+    {
+        report.problems.push(format!(
+            "table {table}: user id column {:?} does not exist (users.column)",
+            u.column
+        ));
     }
+    let needs = identity_needs(cfg, table, info);
     if info.replica_identity == 'n' {
         report.problems.push(format!(
             "table {table}: REPLICA IDENTITY NOTHING publishes no updates or deletes: ALTER TABLE {quoted} REPLICA IDENTITY FULL"
         ));
-    } else if !need_full.is_empty() {
+    } else if !needs.routing.is_empty() {
         let msg = format!(
             "table {table}: column {} is not part of the replica identity, so an UPDATE or DELETE does not say who had the row before: ALTER TABLE {quoted} REPLICA IDENTITY FULL",
-            need_full.join(", ")
+            needs.routing.join(", ")
         );
         if cfg.postgres.set_replica_identity_full {
             report.notes.push(format!(
@@ -152,10 +185,23 @@ fn check_table(cfg: &Config, table: &TableName, info: &TableInfo, report: &mut R
                 "{msg}, or set postgres.set_replica_identity_full = true"
             ));
         }
+    } else if !needs.toast.is_empty() {
+        let msg = format!(
+            "table {table}: TOASTable column {} is not part of the replica identity, so an UPDATE that leaves a large value unchanged does not send it: the event omits it and lists it in headers.unchanged (a client keeps its value)",
+            needs.toast.join(", ")
+        );
+        report.notes.push(if cfg.postgres.full_identity_for_toast {
+            format!("{msg}; pgds will set REPLICA IDENTITY FULL (postgres.full_identity_for_toast)")
+        } else {
+            format!(
+                "{msg}; to always send whole rows: ALTER TABLE {quoted} REPLICA IDENTITY FULL, or set postgres.full_identity_for_toast = true"
+            )
+        })
     }
 }
 
-/// Tables whose replica identity pgds must set to FULL (see `check_table`).
+/// Tables whose replica identity pgds must set to FULL: for routing with
+/// `postgres.set_replica_identity_full`, for TOAST with `postgres.full_identity_for_toast`.
 pub async fn tables_needing_full_identity(
     cfg: &Config,
     client: &Client,
@@ -165,22 +211,11 @@ pub async fn tables_needing_full_identity(
         let Some(info) = catalog::table_info(client, &table).await? else {
             continue;
         };
-        let route_col = cfg
-            .table(&table.schema, &table.name)
-            .and_then(|t| match &t.route {
-                Route::Column(c) => Some(c.as_str()),
-                Route::All => None,
-            });
-        let user_col = cfg
-            .users
-            .as_ref()
-            .filter(|u| u.table == table)
-            .map(|u| u.column.as_str());
-        let needs = route_col
-            .into_iter()
-            .chain(user_col)
-            .any(|c| info.has_column(c) && !info.identity_covers(c));
-        if needs || info.replica_identity == 'n' {
+        let needs = identity_needs(cfg, &table, &info);
+        let routing = !needs.routing.is_empty() || info.replica_identity == 'n';
+        if (routing && cfg.postgres.set_replica_identity_full)
+            || (!needs.toast.is_empty() && cfg.postgres.full_identity_for_toast)
+        {
             out.push(table);
         }
     }

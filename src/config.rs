@@ -49,6 +49,9 @@ pub struct PostgresConfig {
     pub publication: String,
     /// Let pgds run `ALTER TABLE … REPLICA IDENTITY FULL` on configured tables that need it.
     pub set_replica_identity_full: bool,
+    /// Also set it on tables whose TOASTable columns are outside the replica identity, so an
+    /// UPDATE always carries whole rows (no `headers.unchanged`).
+    pub full_identity_for_toast: bool,
     /// Copy the existing rows when pgds creates the slot.
     pub initial_snapshot: bool,
 }
@@ -222,6 +225,8 @@ struct RawPostgres {
     publication: String,
     #[serde(default)]
     set_replica_identity_full: bool,
+    #[serde(default)]
+    full_identity_for_toast: bool,
     #[serde(default = "yes")]
     initial_snapshot: bool,
 }
@@ -553,6 +558,7 @@ impl RawConfig {
                         slot: self.postgres.slot,
                         publication: self.postgres.publication,
                         set_replica_identity_full: self.postgres.set_replica_identity_full,
+                        full_identity_for_toast: self.postgres.full_identity_for_toast,
                         initial_snapshot: self.postgres.initial_snapshot,
                     },
                     streams: StreamsConfig {

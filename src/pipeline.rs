@@ -217,7 +217,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
 
 /// Check the database, apply migrations, set up publication and slot, load catalog facts.
 async fn prepare(cfg: &Config, client: &tokio_postgres::Client) -> Result<Prepared, PipelineError> {
-    if cfg.postgres.set_replica_identity_full {
+    if cfg.postgres.set_replica_identity_full || cfg.postgres.full_identity_for_toast {
         for table in check::tables_needing_full_identity(cfg, client).await? {
             client
                 .batch_execute(&format!(

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{Pgds, TestEnv, changes, ops};
+use crate::support::{Pgds, TestEnv, changes, materialize, ops, run_check};
 
 const SCHEMA: &str = r#"
     CREATE TYPE mood AS ENUM ('happy', 'sad');
@@ -199,4 +199,80 @@ route = { column = "owner_id" }
             big.len()
         );
     }
+}
+
+/// Without the value in the old row (replica identity on the key and owner only), an UPDATE
+/// that leaves a TOASTed value unchanged omits it and says so in `headers.unchanged`; `pgds
+/// check` explains it, and `postgres.full_identity_for_toast` makes pgds set FULL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_toast_without_full_identity_is_flagged_and_reported() {
+    let env = TestEnv::start();
+    let db = env.client().await;
+    db.batch_execute(
+        "CREATE TABLE docs (id int PRIMARY KEY, owner_id text NOT NULL, big text, n int);
+         ALTER TABLE docs ALTER COLUMN big SET STORAGE EXTERNAL;
+         CREATE UNIQUE INDEX docs_ident ON docs (id, owner_id);
+         ALTER TABLE docs REPLICA IDENTITY USING INDEX docs_ident;",
+    )
+    .await
+    .unwrap();
+    let rules = r#"
+[[tables]]
+name = "public.docs"
+route = { column = "owner_id" }
+"#;
+    let config = env.config(rules);
+    let (status, output) = run_check(&config);
+    assert!(status.success(), "pgds check: {output}");
+    assert!(
+        output.contains("TOASTable column big") && output.contains("headers.unchanged"),
+        "pgds check does not explain unchanged TOAST values:\n{output}"
+    );
+    let mut pgds = Pgds::spawn(&config);
+    env.wait_streaming(&mut pgds).await;
+    let big = "abcdefghij".repeat(10_000);
+    db.execute(
+        "INSERT INTO docs VALUES (1, 'alice', $1, 0)",
+        &[&big.as_str()],
+    )
+    .await
+    .unwrap();
+    db.execute("UPDATE docs SET n = 1 WHERE id = 1", &[])
+        .await
+        .unwrap();
+    let alice = env.events_until("alice", |e| ops(e).len() >= 2).await;
+    let update = changes(&alice)[1];
+    assert_eq!(update["value"]["n"], json!(1));
+    assert!(update["value"].get("big").is_none(), "{update}");
+    assert_eq!(update["headers"]["unchanged"], json!(["big"]));
+    let state = materialize(&alice);
+    assert_eq!(
+        state[&("docs".to_owned(), "1".to_owned())]["big"],
+        json!(big)
+    );
+    assert!(pgds.terminate().await.success());
+
+    let config = config.replace(
+        "[postgres]\n",
+        "[postgres]\nfull_identity_for_toast = true\n",
+    );
+    assert!(config.contains("full_identity_for_toast"), "{config}");
+    let mut pgds = Pgds::spawn(&config);
+    env.wait_streaming(&mut pgds).await;
+    let identity: String = db
+        .query_one(
+            "SELECT relreplident::text FROM pg_class WHERE oid = 'docs'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(identity, "f");
+    db.execute("UPDATE docs SET n = 2 WHERE id = 1", &[])
+        .await
+        .unwrap();
+    let alice = env.events_until("alice", |e| ops(e).len() >= 3).await;
+    let update = changes(&alice)[2];
+    assert_eq!(update["value"]["big"], json!(big));
+    assert!(update["headers"].get("unchanged").is_none(), "{update}");
 }

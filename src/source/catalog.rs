@@ -21,6 +21,9 @@ pub struct TableInfo {
     pub primary_key: Vec<String>,
     /// The columns an UPDATE or DELETE carries in its old row.
     pub identity: Vec<String>,
+    /// Columns whose values Postgres may store out of line (TOAST): an UPDATE that leaves them
+    /// unchanged does not send them unless the old row carries them.
+    pub toastable: Vec<String>,
 }
 
 impl TableInfo {
@@ -53,16 +56,21 @@ pub async fn table_info(
     };
     let oid: u32 = row.get(0);
     let ident: String = row.get(1);
-    let columns = client
+    let (mut columns, mut toastable) = (Vec::new(), Vec::new());
+    for r in client
         .query(
-            "SELECT attname::text FROM pg_attribute \
+            "SELECT attname::text, attstorage <> 'p' FROM pg_attribute \
              WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             &[&oid],
         )
         .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    {
+        let name: String = r.get(0);
+        if r.get::<_, bool>(1) {
+            toastable.push(name.clone());
+        }
+        columns.push(name);
+    }
     let index_columns = |flag: &'static str| async move {
         let sql = format!(
             "SELECT a.attname::text FROM pg_index i \
@@ -91,6 +99,7 @@ pub async fn table_info(
         columns,
         primary_key,
         identity,
+        toastable,
     }))
 }
 
