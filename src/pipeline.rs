@@ -119,6 +119,13 @@ impl PipelineError {
         }
     }
 
+    /// Whether the session still flushes what it handed to the writer before it stops: the
+    /// writer and the connections are fine, only the data cannot go on, and the next start
+    /// then begins at the transaction that stopped it.
+    fn flushes_first(&self) -> bool {
+        matches!(self, PipelineError::Route(_) | PipelineError::Decode { .. })
+    }
+
     /// Whether the slot is held by another session (SQLSTATE 55006 object_in_use).
     pub fn is_slot_busy(&self) -> bool {
         match self {
@@ -531,7 +538,10 @@ async fn session(
     state.assembler.abandon();
     state.tracker.abandon_open();
     part_tx.take();
-    let flushed = if outcome.is_ok() {
+    let flushed = if outcome
+        .as_ref()
+        .map_or_else(PipelineError::flushes_first, |()| true)
+    {
         let drain = async {
             while let Some(tx) = ack_rx.recv().await {
                 state.tracker.ack(tx);

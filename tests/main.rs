@@ -12,6 +12,7 @@ mod ops;
 mod pipeline;
 mod restart;
 mod resync;
+mod schema;
 mod snapshot;
 mod tail;
 mod truncate;

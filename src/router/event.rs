@@ -56,6 +56,8 @@ struct Headers<'a> {
     txid: &'a str,
     timestamp: &'a str,
     lsn: &'a str,
+    /// The table's shape (see [`schema_version`]).
+    schema: &'a str,
     /// Columns whose unchanged TOAST value was not sent and is absent from `value`: a client
     /// must keep its current value for them (merge instead of replace).
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
@@ -72,9 +74,28 @@ struct Event<'a> {
     headers: Headers<'a>,
 }
 
+/// A short, stable fingerprint of the shape a table's events have: the published columns'
+/// names and type OIDs, in order (FNV-1a, 32 bits, as 8 hex digits). It changes when a column
+/// is added, dropped, renamed, retyped, or excluded, so a client can notice a schema change.
+pub fn schema_version<'a>(columns: impl IntoIterator<Item = (&'a str, u32)>) -> String {
+    let mut hash: u32 = 0x811c_9dc5;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
+        }
+    };
+    for (name, type_oid) in columns {
+        eat(name.as_bytes());
+        eat(&[0]);
+        eat(&type_oid.to_le_bytes());
+    }
+    format!("{hash:08x}")
+}
+
 /// Serialize one change event. `value` is required for insert and update, absent for delete.
 pub fn change_event(
     kind: &str,
+    schema: &str,
     key: &str,
     operation: Operation,
     value: Option<RowValue<'_>>,
@@ -90,6 +111,7 @@ pub fn change_event(
             txid: &tx.xid,
             timestamp: &tx.timestamp,
             lsn: &tx.lsn,
+            schema,
             unchanged,
         },
     };
@@ -114,6 +136,7 @@ mod tests {
         let cols = [("id", &id), ("title", &title)];
         let insert = change_event(
             "todos",
+            "0badf00d",
             "42",
             Operation::Insert,
             Some(RowValue { columns: &cols }),
@@ -125,11 +148,28 @@ mod tests {
             parsed,
             json!({"type":"todos","key":"42","value":{"id":42,"title":"milk"},
                    "headers":{"operation":"insert","txid":"771",
-                              "timestamp":"2026-11-29T10:30:00.123456Z","lsn":"0/16B3748"}})
+                              "timestamp":"2026-11-29T10:30:00.123456Z","lsn":"0/16B3748",
+                              "schema":"0badf00d"}})
         );
-        let delete = change_event("todos", "42", Operation::Delete, None, &[], &tx);
+        let delete = change_event("todos", "0badf00d", "42", Operation::Delete, None, &[], &tx);
         let parsed: Value = serde_json::from_slice(&delete).unwrap();
         assert!(parsed.get("value").is_none());
         assert_eq!(parsed["headers"]["operation"], "delete");
+    }
+
+    #[test]
+    fn schema_versions_follow_names_types_and_order() {
+        let v = schema_version([("id", 20), ("title", 25)]);
+        assert_eq!(v.len(), 8);
+        assert_eq!(v, schema_version([("id", 20), ("title", 25)]));
+        for other in [
+            schema_version([("id", 20), ("name", 25)]),
+            schema_version([("id", 20), ("title", 1043)]),
+            schema_version([("title", 25), ("id", 20)]),
+            schema_version([("id", 20)]),
+            schema_version([("id", 20), ("title", 25), ("n", 23)]),
+        ] {
+            assert_ne!(v, other);
+        }
     }
 }

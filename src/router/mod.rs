@@ -69,6 +69,10 @@ pub enum RouteError {
         column: String,
         op: &'static str,
     },
+    #[error(
+        "table {from} was renamed to {to}: update its name in the configuration (tables[].name or users.table), then restart"
+    )]
+    Renamed { from: String, to: String },
     #[error("relation {0} changed before pgds received its Relation message")]
     UnknownRelation(u32),
     #[error("table {table}: a row has {got} values but the relation has {want} columns")]
@@ -83,6 +87,8 @@ pub enum RouteError {
 #[derive(Debug)]
 struct Binding {
     table: String,
+    /// `headers.schema` of the table's events.
+    schema: String,
     /// Position of the table in the configuration (unused for the users table).
     index: usize,
     alias: String,
@@ -196,8 +202,17 @@ impl Router {
                         // No primary key known: the replica identity columns are the key.
                         (0..columns.len()).filter(|&i| identity[i]).collect()
                     });
+                let schema = event::schema_version(
+                    relation
+                        .columns
+                        .iter()
+                        .zip(&included)
+                        .filter(|&(_, &inc): &(_, &bool)| inc)
+                        .map(|(c, _)| (c.name.as_str(), c.type_oid)),
+                );
                 Binding {
                     table,
+                    schema,
                     index,
                     alias: config.alias.clone(),
                     columns,
@@ -211,6 +226,7 @@ impl Router {
             }
             None if users_column.is_some() => Binding {
                 table,
+                schema: String::new(),
                 index: usize::MAX,
                 alias: String::new(),
                 columns,
@@ -222,7 +238,15 @@ impl Router {
                 users_column,
             },
             None => {
-                self.bindings.remove(&relation.oid);
+                // A configured table that comes back under another name was renamed: its rules
+                // name the old table, so neither routing it by them nor dropping its changes is
+                // right.
+                if let Some(old) = self.bindings.get(&relation.oid) {
+                    return Err(RouteError::Renamed {
+                        from: old.table.clone(),
+                        to: table,
+                    });
+                }
                 return Ok(());
             }
         };
@@ -476,6 +500,7 @@ fn row_event(b: &Binding, row: &[Field], key: Option<&str>, op: Operation, tx: &
         .collect();
     change_event(
         &b.alias,
+        &b.schema,
         key,
         op,
         Some(RowValue { columns: &columns }),
@@ -487,6 +512,7 @@ fn row_event(b: &Binding, row: &[Field], key: Option<&str>, op: Operation, tx: &
 fn delete_event(b: &Binding, old: &[Field], tx: &TxMeta) -> Bytes {
     change_event(
         &b.alias,
+        &b.schema,
         &encode_key(b, old),
         Operation::Delete,
         None,
