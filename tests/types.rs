@@ -276,3 +276,238 @@ route = { column = "owner_id" }
     assert_eq!(update["value"]["big"], json!(big));
     assert!(update["headers"].get("unchanged").is_none(), "{update}");
 }
+
+/// One column of the type matrix: its SQL type, a literal, and the exact JSON expected.
+struct Case {
+    ty: &'static str,
+    literal: &'static str,
+    want: Value,
+}
+
+fn case(ty: &'static str, literal: &'static str, want: Value) -> Case {
+    Case { ty, literal, want }
+}
+
+/// Characters from every Unicode plane that holds assigned or private-use code points.
+const PLANES: &str = "BMP é 中 \u{FFFD}, SMP 🎉 \u{1F389}, SIP \u{20000}, TIP \u{30000}, SSP \u{E0001}, PUA \u{F0000} \u{10FFFD}";
+
+fn matrix() -> Vec<Case> {
+    vec![
+        case("numeric", "'NaN'", json!("NaN")),
+        case("numeric", "'Infinity'", json!("Infinity")),
+        case("numeric", "'-Infinity'", json!("-Infinity")),
+        case("numeric(12,9)", "'-0.000001230'", json!("-0.000001230")),
+        case("float4", "'-Infinity'", json!("-Infinity")),
+        case(
+            "int8",
+            "-9223372036854775808",
+            json!("-9223372036854775808"),
+        ),
+        case("money", "12.34", json!("$12.34")),
+        case(
+            "interval",
+            "'1 year 2 mons 3 days 04:05:06.789'",
+            json!("P1Y2M3DT4H5M6.789S"),
+        ),
+        case("interval", "'-1 day'", json!("P-1D")),
+        case("timetz", "'10:30:00.5+05:30'", json!("10:30:00.5+05:30")),
+        case("inet", "'192.168.0.1/24'", json!("192.168.0.1/24")),
+        case("inet", "'::1'", json!("::1")),
+        case("cidr", "'10.0.0.0/8'", json!("10.0.0.0/8")),
+        case("macaddr", "'08:00:2b:01:02:03'", json!("08:00:2b:01:02:03")),
+        case(
+            "macaddr8",
+            "'08:00:2b:01:02:03:04:05'",
+            json!("08:00:2b:01:02:03:04:05"),
+        ),
+        case("bit(4)", "B'1010'", json!("1010")),
+        case("varbit", "B'101'", json!("101")),
+        case("point", "'(1,2)'", json!("(1,2)")),
+        case("box", "'((0,0),(1,1))'", json!("(1,1),(0,0)")),
+        case("circle", "'<(1,2),3>'", json!("<(1,2),3>")),
+        case("line", "'{1,2,3}'", json!("{1,2,3}")),
+        case("lseg", "'[(0,0),(1,1)]'", json!("[(0,0),(1,1)]")),
+        case(
+            "path",
+            "'((0,0),(1,1),(2,0))'",
+            json!("((0,0),(1,1),(2,0))"),
+        ),
+        case(
+            "polygon",
+            "'((0,0),(1,1),(2,0))'",
+            json!("((0,0),(1,1),(2,0))"),
+        ),
+        case(
+            "box[]",
+            "ARRAY['((0,0),(1,1))'::box, NULL]",
+            json!(["(1,1),(0,0)", null]),
+        ),
+        case("int4range", "'[1,10)'", json!("[1,10)")),
+        case("numrange", "'(1.5,2.5]'", json!("(1.5,2.5]")),
+        case("daterange", "'empty'", json!("empty")),
+        case(
+            "tstzrange",
+            "'[2026-01-01 00:00+00,infinity)'",
+            json!("[\"2026-01-01 00:00:00+00\",infinity)"),
+        ),
+        case("int4multirange", "'{[1,3),[5,7)}'", json!("{[1,3),[5,7)}")),
+        case(
+            "hstore",
+            r#"'"a"=>"1", "b"=>NULL, "q\"k"=>"v"'"#,
+            json!({"a": "1", "b": null, "q\"k": "v"}),
+        ),
+        case("posint", "5", json!(5)),
+        case("label", "'x'", json!("x")),
+        case(
+            "pair",
+            "ROW(1, 'x \"y\" z')",
+            json!({"n": 1, "label": "x \"y\" z"}),
+        ),
+        case("pair", "ROW(NULL, '')", json!({"n": null, "label": ""})),
+        case(
+            "pair[]",
+            "ARRAY[ROW(1, 'a')::pair, NULL]",
+            json!([{"n": 1, "label": "a"}, null]),
+        ),
+        case("int4[]", "'{{1,2},{3,NULL}}'", json!([[1, 2], [3, null]])),
+        case(
+            "text[]",
+            "ARRAY[[NULL, 'a'], ['b', NULL]]",
+            json!([[null, "a"], ["b", null]]),
+        ),
+        case("int4[]", "'[0:1]={7,8}'", json!([7, 8])),
+        case("mood", "'sad'", json!("sad")),
+        case("mood[]", "'{happy,NULL}'", json!(["happy", null])),
+        case(
+            "json",
+            r#"'{"a": "\u00e9\ud83c\udf89", "nul": "\u0000"}'"#,
+            json!({"a": "é🎉", "nul": "\u{0}"}),
+        ),
+        case(
+            "jsonb",
+            r#"'{"a": "\u00e9\ud83c\udf89"}'"#,
+            json!({"a": "é🎉"}),
+        ),
+        case("jsonb", "'[]'", json!([])),
+        case("jsonb", "'null'", json!(null)),
+        case("text", "$planes$PLANES$planes$", json!(PLANES)),
+        case("text", "''", json!("")),
+        case("timestamp", "'infinity'", json!("infinity")),
+        case("timestamp", "'-infinity'", json!("-infinity")),
+        case(
+            "timestamp",
+            "'0044-03-15 12:00:00 BC'",
+            json!("0044-03-15 12:00:00 BC"),
+        ),
+        case("timestamptz", "'infinity'", json!("infinity")),
+        case("timestamptz", "'-infinity'", json!("-infinity")),
+        case(
+            "timestamptz",
+            "'2026-11-29 10:30:00+05:30'",
+            json!("2026-11-29T05:00:00Z"),
+        ),
+        case("date", "'infinity'", json!("infinity")),
+        case("date", "'-infinity'", json!("-infinity")),
+        case("date", "'0044-03-15 BC'", json!("0044-03-15 BC")),
+        case("bytea", "''", json!("\\x")),
+        case(
+            "uuid",
+            "'00000000-0000-0000-0000-000000000000'",
+            json!("00000000-0000-0000-0000-000000000000"),
+        ),
+        case("char", "'x'", json!("x")),
+        case("name", "'a_name'", json!("a_name")),
+        case("oid", "4294967295", json!(4294967295_u32)),
+    ]
+}
+
+/// Every type of the matrix, in the initial copy (COPY text) and in live changes (pgoutput
+/// text), has its exact JSON value; an UPDATE carries it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_type_matrix_has_exact_json_in_copies_and_changes() {
+    let env = TestEnv::start();
+    let db = env.client().await;
+    let cases = matrix();
+    let columns: Vec<String> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("c{i} {}", c.ty))
+        .collect();
+    let literals: Vec<String> = cases
+        .iter()
+        .map(|c| c.literal.replace("PLANES", PLANES))
+        .collect();
+    db.batch_execute(&format!(
+        "CREATE EXTENSION hstore;
+         CREATE TYPE mood AS ENUM ('happy', 'sad');
+         CREATE DOMAIN posint AS int4 CHECK (VALUE > 0);
+         CREATE DOMAIN label AS text;
+         CREATE TYPE pair AS (n int, label text);
+         CREATE TABLE matrix (id int PRIMARY KEY, owner_id text NOT NULL, {});
+         ALTER TABLE matrix REPLICA IDENTITY FULL;
+         INSERT INTO matrix VALUES (1, 'alice', {});",
+        columns.join(", "),
+        literals.join(", ")
+    ))
+    .await
+    .unwrap();
+    let mut pgds = Pgds::spawn(&env.config(
+        r#"
+[[tables]]
+name = "public.matrix"
+route = { column = "owner_id" }
+"#,
+    ));
+    env.wait_streaming(&mut pgds).await;
+    db.batch_execute(&format!(
+        "INSERT INTO matrix VALUES (2, 'alice', {});
+         UPDATE matrix SET owner_id = owner_id WHERE id = 2;",
+        literals.join(", ")
+    ))
+    .await
+    .unwrap();
+    let events = env.events_until("alice", |e| changes(e).len() >= 3).await;
+    let rows = changes(&events);
+    assert_eq!(
+        ops(&events),
+        ["insert matrix 1", "insert matrix 2", "update matrix 2"]
+    );
+    let mut failures = Vec::new();
+    for (path, row) in ["copy", "insert", "update"].iter().zip(&rows) {
+        for (i, c) in cases.iter().enumerate() {
+            let got = &row["value"][format!("c{i}")];
+            if *got != c.want {
+                failures.push(format!(
+                    "{path}: {} {}: got {got}, want {}",
+                    c.ty, c.literal, c.want
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A table without a primary key is refused with a clear message: events need a stable key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_without_a_primary_key_is_refused() {
+    let env = TestEnv::start();
+    let db = env.client().await;
+    db.batch_execute(
+        "CREATE TABLE nokey (owner_id text NOT NULL, title text);
+         ALTER TABLE nokey REPLICA IDENTITY FULL;",
+    )
+    .await
+    .unwrap();
+    let (status, output) = run_check(&env.config(
+        r#"
+[[tables]]
+name = "public.nokey"
+route = { column = "owner_id" }
+"#,
+    ));
+    assert_eq!(status.code(), Some(3), "{output}");
+    assert!(
+        output.contains("public.nokey") && output.contains("has no primary key"),
+        "{output}"
+    );
+}

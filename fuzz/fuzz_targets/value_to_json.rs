@@ -35,6 +35,11 @@ static REGISTRY: LazyLock<TypeRegistry> = LazyLock::new(|| {
                 elem,
                 base,
                 delim,
+                fields: if typtype == b'c' {
+                    vec![("a".into(), 23), ("b".into(), 16401), ("c".into(), oid)]
+                } else {
+                    Vec::new()
+                },
             },
         );
     }

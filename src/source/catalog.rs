@@ -135,16 +135,35 @@ pub async fn load_types(
             &[],
         )
         .await?;
+    // The fields of composite types made with CREATE TYPE … AS (not the row types of tables).
+    let mut fields: HashMap<u32, Vec<(String, u32)>> = HashMap::new();
+    for r in client
+        .query(
+            "SELECT t.oid, a.attname::text, a.atttypid FROM pg_type t \
+             JOIN pg_class c ON c.oid = t.typrelid AND c.relkind = 'c' \
+             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+             WHERE t.oid >= 16384 ORDER BY t.oid, a.attnum",
+            &[],
+        )
+        .await?
+    {
+        fields
+            .entry(r.get(0))
+            .or_default()
+            .push((r.get(1), r.get(2)));
+    }
     for r in rows {
         let byte = |i: usize| r.get::<_, String>(i).bytes().next().unwrap_or(b',');
+        let oid: u32 = r.get(0);
         registry.insert(
-            r.get(0),
+            oid,
             TypeDesc {
                 name: r.get(1),
                 typtype: byte(2),
                 elem: r.get(3),
                 base: r.get(4),
                 delim: byte(5),
+                fields: fields.remove(&oid).unwrap_or_default(),
             },
         );
     }

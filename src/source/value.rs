@@ -21,7 +21,9 @@
 //! | `bytea` | the hex text as printed, e.g. `"\\x0102ff"` |
 //! | arrays | JSON arrays (nested for several dimensions), elements converted by their type's rule, `NULL` → `null` |
 //! | domains | like their base type |
-//! | anything else (composites, ranges, `interval`, `money`, `inet`, geometric, unknown OIDs…) | string, as printed |
+//! | composites with known fields ([`TypeDesc::fields`]) | object, fields by their types |
+//! | `hstore` | object of strings and nulls |
+//! | anything else (ranges, `interval` (ISO 8601), `money`, `inet`, geometric, table row types, unknown OIDs…) | string, as printed |
 //!
 //! Details:
 //! - `timestamp` / `timestamptz` values that are `infinity`, `-infinity`, BC, or have an offset
@@ -52,6 +54,8 @@ pub struct TypeDesc {
     pub base: u32,
     /// `typdelim`, usually `b','` (`box` uses `b';'`).
     pub delim: u8,
+    /// The attributes (name, type OID) of a composite type created with `CREATE TYPE … AS`.
+    pub fields: Vec<(String, u32)>,
 }
 
 /// Type OIDs → conversion rules: the built-ins plus types loaded from the catalog.
@@ -87,7 +91,14 @@ enum Rule {
     Json,
     Timestamp,
     TimestampTz,
-    Array { elem: u32, delim: u8 },
+    Array {
+        elem: u32,
+        delim: u8,
+    },
+    /// A composite type with known fields: a JSON object.
+    Composite(u32),
+    /// The `hstore` extension type: a JSON object of strings and nulls.
+    Hstore,
 }
 
 fn builtin_rule(oid: u32) -> Option<Rule> {
@@ -180,6 +191,10 @@ impl TypeRegistry {
                     Some(_) => b',',
                 };
                 return Rule::Array { elem, delim };
+            } else if desc.typtype == b'c' && !desc.fields.is_empty() {
+                return Rule::Composite(oid);
+            } else if desc.typtype == b'b' && desc.name == "hstore" {
+                return Rule::Hstore;
             } else {
                 return Rule::Text;
             }
@@ -219,8 +234,104 @@ impl TypeRegistry {
                 }
                 ArrayParser::parse(self, elem, delim, text, nesting + 1).unwrap_or_else(string)
             }
+            Rule::Composite(oid) => {
+                if nesting >= MAX_ARRAY_NESTING {
+                    return string();
+                }
+                self.composite(oid, text, nesting + 1)
+                    .unwrap_or_else(string)
+            }
+            Rule::Hstore => hstore(text).unwrap_or_else(string),
         }
     }
+
+    /// `record_out` text: `(a,"b c",)`; an empty field is NULL, a quoted one has `""` and
+    /// backslash escapes. Each field converts by its type.
+    fn composite(&self, oid: u32, text: &str, nesting: usize) -> Option<Value> {
+        let fields = &self.types.get(&oid)?.fields;
+        let inner = text.strip_prefix('(')?.strip_suffix(')')?;
+        let mut out = serde_json::Map::with_capacity(fields.len());
+        let mut rest = inner;
+        for (i, (name, type_oid)) in fields.iter().enumerate() {
+            let (raw, quoted, after) = record_field(rest)?;
+            let value = if raw.is_empty() && !quoted {
+                Value::Null
+            } else {
+                self.convert(*type_oid, &raw, nesting)
+            };
+            out.insert(name.clone(), value);
+            rest = match after.strip_prefix(',') {
+                Some(r) if i + 1 < fields.len() => r,
+                None if i + 1 == fields.len() && after.is_empty() => after,
+                _ => return None,
+            };
+        }
+        Some(Value::Object(out))
+    }
+}
+
+/// One field of a record at the start of `text`: (its text, whether it was quoted, the rest
+/// starting at the `,` or the end).
+fn record_field(text: &str) -> Option<(Cow<'_, str>, bool, &str)> {
+    let Some(body) = text.strip_prefix('"') else {
+        let end = text.find(',').unwrap_or(text.len());
+        return Some((Cow::Borrowed(&text[..end]), false, &text[end..]));
+    };
+    let mut out = String::new();
+    let mut chars = body.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' if body[i + 1..].starts_with('"') => {
+                out.push('"');
+                chars.next();
+            }
+            '"' => return Some((Cow::Owned(out), true, &body[i + 1..])),
+            '\\' => out.push(chars.next()?.1),
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+/// `hstore_out` text: `"k"=>"v", "k2"=>NULL` → `{"k":"v","k2":null}`.
+fn hstore(text: &str) -> Option<Value> {
+    fn quoted(text: &str) -> Option<(String, &str)> {
+        let body = text.strip_prefix('"')?;
+        let mut out = String::new();
+        let mut chars = body.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '"' => return Some((out, &body[i + 1..])),
+                '\\' => out.push(chars.next()?.1),
+                c => out.push(c),
+            }
+        }
+        None
+    }
+    let mut out = serde_json::Map::new();
+    let mut rest = text.trim_start();
+    while !rest.is_empty() {
+        let (key, after) = quoted(rest)?;
+        let after = after.trim_start().strip_prefix("=>")?.trim_start();
+        let (value, after) = match after.strip_prefix("NULL") {
+            Some(after) => (Value::Null, after),
+            None => {
+                let (v, after) = quoted(after)?;
+                (Value::String(v), after)
+            }
+        };
+        out.insert(key, value);
+        rest = after.trim_start();
+        if let Some(r) = rest.strip_prefix(',') {
+            rest = r.trim_start();
+            if rest.is_empty() {
+                return None;
+            }
+        } else if !rest.is_empty() {
+            return None;
+        }
+    }
+    Some(Value::Object(out))
 }
 
 fn all_digits(b: &[u8]) -> bool {
@@ -526,6 +637,10 @@ mod tests {
     const COMPOSITE: u32 = 16408;
     const SEMI_ARRAY: u32 = 16409;
     const SELF_ARRAY: u32 = 16410;
+    const POINT3: u32 = 16411;
+    const LABELLED: u32 = 16412;
+    const LABELLED_ARRAY: u32 = 16413;
+    const HSTORE: u32 = 16414;
 
     fn desc(name: &str, typtype: u8, elem: u32, base: u32, delim: u8) -> TypeDesc {
         TypeDesc {
@@ -534,6 +649,7 @@ mod tests {
             elem,
             base,
             delim,
+            fields: Vec::new(),
         }
     }
 
@@ -551,6 +667,19 @@ mod tests {
         // An array of an unregistered element type: its own delimiter is used.
         r.insert(SEMI_ARRAY, desc("_thing", b'b', 99_999, 0, b';'));
         r.insert(SELF_ARRAY, desc("_loop", b'b', SELF_ARRAY, 0, b','));
+        let mut point3 = desc("point3", b'c', 0, 0, b',');
+        point3.fields = vec![("x".into(), 23), ("y".into(), 701), ("z".into(), 1700)];
+        r.insert(POINT3, point3);
+        let mut labelled = desc("labelled", b'c', 0, 0, b',');
+        labelled.fields = vec![
+            ("label".into(), 25),
+            ("at".into(), POINT3),
+            ("tags".into(), 1009),
+            ("mood".into(), ENUM),
+        ];
+        r.insert(LABELLED, labelled);
+        r.insert(LABELLED_ARRAY, desc("_labelled", b'b', LABELLED, 0, b','));
+        r.insert(HSTORE, desc("hstore", b'b', 0, 0, b','));
         // Built-in rules win over catalog rows for built-in OIDs.
         r.insert(23, desc("int4", b'b', 0, 0, b','));
         r
@@ -823,6 +952,53 @@ mod tests {
             (1007, "[a]={1}", json!("[a]={1}")),
             (1007, "{{{{{{{1}}}}}}}", json!("{{{{{{{1}}}}}}}")),
             (1007, "{{{{{{1}}}}}}", json!([[[[[[1]]]]]])),
+        ]);
+    }
+
+    #[test]
+    fn composites_become_objects_by_field_type() {
+        check(&[
+            (
+                POINT3,
+                "(1,2.5,3.25)",
+                json!({"x": 1, "y": 2.5, "z": "3.25"}),
+            ),
+            (POINT3, "(,,)", json!({"x": null, "y": null, "z": null})),
+            (
+                LABELLED,
+                r#"("a ""quoted"" \\ label","(1,2,3)","{x,""y z""}",happy)"#,
+                json!({"label": "a \"quoted\" \\ label", "at": {"x": 1, "y": 2.0, "z": "3"},
+                       "tags": ["x", "y z"], "mood": "happy"}),
+            ),
+            (
+                LABELLED,
+                r#"("",,{},)"#,
+                json!({"label": "", "at": null, "tags": [], "mood": null}),
+            ),
+            (
+                LABELLED_ARRAY,
+                r#"{"(a,\"(1,2,3)\",{},sad)",NULL}"#,
+                json!([{"label": "a", "at": {"x": 1, "y": 2.0, "z": "3"}, "tags": [], "mood": "sad"}, null]),
+            ),
+            // Malformed or of another arity: the text as printed.
+            (POINT3, "(1,2)", json!("(1,2)")),
+            (POINT3, "(1,2,3,4)", json!("(1,2,3,4)")),
+            (POINT3, "1,2,3", json!("1,2,3")),
+            (LABELLED, r#"("open,,,)"#, json!(r#"("open,,,)"#)),
+        ]);
+    }
+
+    #[test]
+    fn hstore_becomes_an_object_of_strings() {
+        check(&[
+            (HSTORE, "", json!({})),
+            (
+                HSTORE,
+                r#""a"=>"1", "b"=>NULL, "q\"k"=>"v\\w""#,
+                json!({"a": "1", "b": null, "q\"k": "v\\w"}),
+            ),
+            (HSTORE, r#""a"=>"1","#, json!(r#""a"=>"1","#)),
+            (HSTORE, r#""a"=>1"#, json!(r#""a"=>1"#)),
         ]);
     }
 
