@@ -141,6 +141,12 @@ async fn run(cfg: Config) -> ExitCode {
             error!("{e}");
             ExitCode::from(EXIT_CHECK)
         }
+        // The slot cannot serve this configuration (invalidated while running, say): the
+        // operator must act, as when the check finds it at start.
+        Err(PipelineError::Slot(e)) if !matches!(e, source::slot::SlotError::Db(_)) => {
+            error!("{e}");
+            ExitCode::from(EXIT_CHECK)
+        }
         Err(e) => {
             error!(error = %format_chain(&e), "pgds stopped on an error");
             ExitCode::from(EXIT_RUNTIME)

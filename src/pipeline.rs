@@ -886,11 +886,17 @@ impl SessionState<'_> {
     async fn send_parts(&mut self, tx: &mpsc::Sender<Part>) -> Result<(), PipelineError> {
         for part in self.parts.drain(..) {
             self.tracker.part_sent(part.tx);
-            let permit = loop {
-                match tokio::time::timeout(STALL_CHECK_INTERVAL, tx.reserve()).await {
-                    Ok(permit) => break permit.map_err(|_| PipelineError::StreamEnded)?,
-                    Err(_) => self.stall.check().await?,
+            let permit = match tx.try_reserve() {
+                Ok(permit) => permit,
+                Err(mpsc::error::TrySendError::Closed(())) => {
+                    return Err(PipelineError::StreamEnded);
                 }
+                Err(mpsc::error::TrySendError::Full(())) => loop {
+                    match tokio::time::timeout(STALL_CHECK_INTERVAL, tx.reserve()).await {
+                        Ok(permit) => break permit.map_err(|_| PipelineError::StreamEnded)?,
+                        Err(_) => self.stall.check().await?,
+                    }
+                },
             };
             permit.send(part);
         }
