@@ -8,10 +8,12 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use url::Url;
+
+use super::http1::{forward, header, read_body, read_head, status_of};
 
 /// What to do with the next POST (appends); other requests are forwarded unless blocked.
 #[derive(Clone, Copy, Debug)]
@@ -237,67 +239,8 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, script: Arc<Mutex<Sc
     script.lock().expect("proxy script lock").leave(&path, seen);
 }
 
-/// Reads one request: the head (up to the blank line) and a `content-length` body.
 async fn read_request(client: &mut TcpStream) -> Option<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let mut chunk = [0u8; 8192];
-        let n = client.read(&mut chunk).await.ok()?;
-        if n == 0 || buf.len() > 1 << 20 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8(buf[..end].to_vec()).ok()?;
-    let len: usize = header(&head, "content-length").map_or(Some(0), |v| v.parse().ok())?;
-    let mut body = buf[end..].to_vec();
-    while body.len() < len {
-        let mut chunk = vec![0u8; (len - body.len()).min(1 << 16)];
-        let n = client.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    Some((head, body))
-}
-
-/// Sends the request upstream with `connection: close` and reads the whole answer.
-async fn forward(upstream: SocketAddr, head: &str, body: &[u8]) -> Option<Vec<u8>> {
-    let mut request = String::new();
-    for line in head.trim_end().split("\r\n") {
-        if !line.to_ascii_lowercase().starts_with("connection:") {
-            request.push_str(line);
-            request.push_str("\r\n");
-        }
-    }
-    request.push_str("connection: close\r\n\r\n");
-    let mut server = TcpStream::connect(upstream).await.ok()?;
-    server.write_all(request.as_bytes()).await.ok()?;
-    server.write_all(body).await.ok()?;
-    let mut answer = Vec::new();
-    server.read_to_end(&mut answer).await.ok()?;
-    (!answer.is_empty()).then_some(answer)
-}
-
-fn header(head: &str, name: &str) -> Option<String> {
-    head.split("\r\n").skip(1).find_map(|line| {
-        let (key, value) = line.split_once(':')?;
-        key.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| value.trim().to_owned())
-    })
-}
-
-fn status_of(answer: &[u8]) -> Option<u16> {
-    let line = answer.split(|b| *b == b'\r').next()?;
-    std::str::from_utf8(line)
-        .ok()?
-        .split(' ')
-        .nth(1)?
-        .parse()
-        .ok()
+    let head = read_head(client).await?;
+    let body = read_body(client, &head).await?;
+    Some((head.text, body))
 }

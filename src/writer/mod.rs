@@ -74,6 +74,10 @@ mod stream_state;
 
 #[cfg(test)]
 mod fault_proxy;
+/// HTTP/1.1 framing shared with the integration tests' fault proxy.
+#[cfg(test)]
+#[path = "../../tests/support/http1.rs"]
+mod http1;
 #[cfg(test)]
 mod test_server;
 #[cfg(test)]

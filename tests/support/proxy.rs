@@ -21,8 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+
+use super::http1::{forward, read_body, read_head, status_of};
 
 /// Probabilities (each in [0, 1], summing to at most 1) of the faults injected into a request.
 #[derive(Clone, Copy, Debug, Default)]
@@ -454,83 +456,4 @@ async fn respond(client: &mut TcpStream, status: u16, retry_after: Option<&str>)
     );
     let _ = client.write_all(answer.as_bytes()).await;
     let _ = client.shutdown().await;
-}
-
-struct Head {
-    text: String,
-    /// Body bytes read along with the head.
-    rest: Vec<u8>,
-    content_length: usize,
-}
-
-async fn read_head(client: &mut TcpStream) -> Option<Head> {
-    let mut buf = Vec::new();
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let mut chunk = [0u8; 16384];
-        let n = client.read(&mut chunk).await.ok()?;
-        if n == 0 || buf.len() > 1 << 20 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let text = String::from_utf8(buf[..end].to_vec()).ok()?;
-    let content_length = header(&text, "content-length").map_or(Some(0), |v| v.parse().ok())?;
-    Some(Head {
-        text,
-        rest: buf[end..].to_vec(),
-        content_length,
-    })
-}
-
-async fn read_body(client: &mut TcpStream, head: &Head) -> Option<Vec<u8>> {
-    let mut body = head.rest.clone();
-    while body.len() < head.content_length {
-        let mut chunk = vec![0u8; (head.content_length - body.len()).min(1 << 16)];
-        let n = client.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    Some(body)
-}
-
-/// Send the request upstream with `connection: close` and read the whole answer.
-async fn forward(upstream: SocketAddr, head: &str, body: &[u8]) -> Option<Vec<u8>> {
-    let mut request = String::new();
-    for line in head.trim_end().split("\r\n") {
-        if !line.to_ascii_lowercase().starts_with("connection:") {
-            request.push_str(line);
-            request.push_str("\r\n");
-        }
-    }
-    request.push_str("connection: close\r\n\r\n");
-    let mut server = TcpStream::connect(upstream).await.ok()?;
-    server.write_all(request.as_bytes()).await.ok()?;
-    server.write_all(body).await.ok()?;
-    let mut answer = Vec::new();
-    server.read_to_end(&mut answer).await.ok()?;
-    (!answer.is_empty()).then_some(answer)
-}
-
-fn header(head: &str, name: &str) -> Option<String> {
-    head.split("\r\n").skip(1).find_map(|line| {
-        let (key, value) = line.split_once(':')?;
-        key.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| value.trim().to_owned())
-    })
-}
-
-fn status_of(answer: &[u8]) -> Option<u16> {
-    let line = answer.split(|b| *b == b'\r').next()?;
-    std::str::from_utf8(line)
-        .ok()?
-        .split(' ')
-        .nth(1)?
-        .parse()
-        .ok()
 }
