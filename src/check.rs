@@ -1,6 +1,8 @@
 //! `pgds check`: verify that the database can serve the configuration, and say how to fix each
 //! problem. `pgds run` performs the same checks before it starts.
 
+use std::collections::HashMap;
+
 use tokio_postgres::Client;
 
 use crate::config::{Config, Route, TableName};
@@ -15,6 +17,8 @@ pub struct Report {
     /// The slot is held by another session: a problem for `pgds check`, a reason to wait for
     /// `pgds run` (the session of a pgds that just died lingers until Postgres notices).
     pub slot_busy: Option<slot::SlotError>,
+    /// The primary key columns of each configured table that has one, as the check read them.
+    pub primary_keys: HashMap<TableName, Vec<String>>,
 }
 
 impl Report {
@@ -69,6 +73,9 @@ pub async fn check_database(
             continue;
         };
         check_table(cfg, &table, &info, &mut report);
+        if cfg.table(&table.schema, &table.name).is_some() && !info.primary_key.is_empty() {
+            report.primary_keys.insert(table, info.primary_key);
+        }
     }
 
     match slot::inspect_slot(client, &cfg.postgres.slot).await {

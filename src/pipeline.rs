@@ -243,7 +243,7 @@ async fn prepare(cfg: &Config, client: &tokio_postgres::Client) -> Result<Prepar
         return Err(busy.into());
     }
     store::migrate(client).await?;
-    let router_keys = catalog::primary_keys(client, cfg.tables.iter().map(|t| &t.table)).await?;
+    let router_keys = report.primary_keys;
     let fingerprint = copy_fingerprint(cfg, &router_keys);
     let slot = plan_slot(cfg, client, &fingerprint).await?;
     // Tables that join the publication of a slot already streaming are backfilled: a resync of

@@ -170,22 +170,6 @@ pub async fn load_types(
     Ok(())
 }
 
-/// The primary key columns of each table that has one.
-pub async fn primary_keys(
-    client: &Client,
-    tables: impl IntoIterator<Item = &TableName>,
-) -> Result<HashMap<TableName, Vec<String>>, tokio_postgres::Error> {
-    let mut keys = HashMap::new();
-    for t in tables {
-        if let Some(info) = table_info(client, t).await?
-            && !info.primary_key.is_empty()
-        {
-            keys.insert(t.clone(), info.primary_key);
-        }
-    }
-    Ok(keys)
-}
-
 /// Every user id in the users table, as text.
 pub async fn load_users(
     client: &impl tokio_postgres::GenericClient,
