@@ -443,9 +443,10 @@ async fn the_type_matrix_has_exact_json_in_copies_and_changes() {
          CREATE DOMAIN posint AS int4 CHECK (VALUE > 0);
          CREATE DOMAIN label AS text;
          CREATE TYPE pair AS (n int, label text);
-         CREATE TABLE matrix (id int PRIMARY KEY, owner_id text NOT NULL, {});
+         CREATE TABLE matrix (id int PRIMARY KEY, owner_id text NOT NULL,
+                              gen int GENERATED ALWAYS AS (id * 2) STORED, {});
          ALTER TABLE matrix REPLICA IDENTITY FULL;
-         INSERT INTO matrix VALUES (1, 'alice', {});",
+         INSERT INTO matrix VALUES (1, 'alice', DEFAULT, {});",
         columns.join(", "),
         literals.join(", ")
     ))
@@ -460,7 +461,7 @@ route = { column = "owner_id" }
     ));
     env.wait_streaming(&mut pgds).await;
     db.batch_execute(&format!(
-        "INSERT INTO matrix VALUES (2, 'alice', {});
+        "INSERT INTO matrix VALUES (2, 'alice', DEFAULT, {});
          UPDATE matrix SET owner_id = owner_id WHERE id = 2;",
         literals.join(", ")
     ))
@@ -474,6 +475,10 @@ route = { column = "owner_id" }
     );
     let mut failures = Vec::new();
     for (path, row) in ["copy", "insert", "update"].iter().zip(&rows) {
+        // Generated columns are not published (pgoutput leaves them out; so does the copy).
+        if row["value"].get("gen").is_some() {
+            failures.push(format!("{path}: the generated column was published"));
+        }
         for (i, c) in cases.iter().enumerate() {
             let got = &row["value"][format!("c{i}")];
             if *got != c.want {

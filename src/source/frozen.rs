@@ -18,6 +18,7 @@ use tracing::info;
 
 use crate::config::TableName;
 use crate::source::catalog::{quote_ident, quote_table};
+use crate::source::snapshot;
 
 /// One frozen table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,7 +71,13 @@ pub async fn freeze(
         copied_at_micros,
     };
     for table in tables {
-        let select = format!("SELECT * FROM {}", quote_table(table));
+        let (_, columns) = snapshot::columns(db, &table.schema, &table.name).await?;
+        let list = columns
+            .iter()
+            .map(|(c, _)| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let select = format!("SELECT {list} FROM {}", quote_table(table));
         frozen.tables.push(freeze_one(db, table, &select).await?);
     }
     if let Some((table, column)) = users {

@@ -118,7 +118,8 @@ pub async fn record(
     Ok(())
 }
 
-/// Columns of a table in attribute order: (name, type OID).
+/// Published columns of a table in attribute order: (name, type OID). Generated columns are
+/// left out, as pgoutput leaves them out of changes.
 pub async fn columns(
     client: &impl tokio_postgres::GenericClient,
     schema: &str,
@@ -130,6 +131,7 @@ pub async fn columns(
              JOIN pg_namespace n ON n.oid = c.relnamespace \
              JOIN pg_attribute a ON a.attrelid = c.oid \
              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
+             AND a.attgenerated = '' \
              ORDER BY a.attnum",
             &[&schema, &table],
         )
