@@ -38,6 +38,7 @@ use crate::writer::part::{Part, TxToken};
 use crate::writer::{Writer, WriterError, WriterSettings};
 
 mod copy;
+mod membership;
 mod resync;
 
 pub use resync::{REQUEST_PREFIX, Request as ResyncRequest};
@@ -324,6 +325,9 @@ async fn session(
     );
     if let Some(u) = &cfg.users {
         router.set_users(catalog::load_users(client.as_ref(), &u.table, &u.column).await?);
+    }
+    if prepared.slot == SlotPlan::Stream {
+        membership::load_at_checkpoint(&mut router, cfg, &client, start, &prepared.types).await?;
     }
 
     let repl_cfg = ReplicationConfig::new(

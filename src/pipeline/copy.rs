@@ -77,6 +77,7 @@ impl SessionState<'_> {
             self.router
                 .set_users(catalog::load_users(&db, &u.table, &u.column).await?);
         }
+        super::membership::load_memberships(&mut self.router, &db).await?;
         let token = self.tracker.open(unix_micros());
         // Below every live commit LSN: the first transaction the slot decodes commits after
         // the consistent point.
@@ -115,10 +116,18 @@ impl SessionState<'_> {
             timestamp: commit_time_rfc3339(now - PG_EPOCH_UNIX_MICROS),
             lsn: lsn.to_owned(),
         };
+        // Copied rows re-state rows: they route by the memberships, they do not change them.
+        self.router.set_copying(true);
         for (table, condition) in tables {
-            self.copy_table(db, &table, condition.as_deref(), &meta, parts)
-                .await?;
+            let copied = self
+                .copy_table(db, &table, condition.as_deref(), &meta, parts)
+                .await;
+            if copied.is_err() {
+                self.router.set_copying(false);
+            }
+            copied?;
         }
+        self.router.set_copying(false);
         let bracket = self.bracket.take();
         for stream in bracket.iter().flat_map(|b| b.opened.iter()) {
             self.assembler

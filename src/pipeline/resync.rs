@@ -12,6 +12,15 @@
 //! are skipped for the users in scope (their effects are in the copy); those it does not see
 //! are applied as usual. After W every transaction is newer than S.
 //!
+//! Move-in: a membership granted by a transaction (see `router::membership`) is served the same
+//! way, without `reset`: a copy, at a snapshot S taken after the grant's commit, of the rows of
+//! the granted scopes in the tables routed through that membership, emitted just before the
+//! first transaction S does not see, routed with the memberships of that point and only to the
+//! granted users. Every transaction before that point is in the copy; every transaction after
+//! it is applied as usual, including those S saw (their events re-state rows the copy holds,
+//! each routed with the memberships of its own commit, so the stream converges; they are not
+//! skipped, because the copy holds the granted scopes only, not the users' whole state).
+//!
 //! Durability: the request's transaction stays open in the checkpoint tracker until the copy is
 //! handed over, so the checkpoint cannot pass the request before the copy is durable. After a
 //! crash the request is replayed and the copy made again, after a new `reset`.
@@ -26,6 +35,7 @@ use tracing::{info, warn};
 use super::{PipelineError, SessionState};
 use crate::config::{Route, TableName};
 use crate::lsn::Lsn;
+use crate::router::MoveIn;
 use crate::source::catalog::{quote_ident, quote_table};
 use crate::source::connect;
 use crate::writer::part::{Part, TxToken};
@@ -88,10 +98,19 @@ impl PgSnapshot {
     }
 }
 
-/// A request waiting for its turn; its transaction's checkpoint entry stays open until then.
+/// What a copy re-emits.
+#[derive(Debug)]
+enum Job {
+    /// `reset` and the whole state of the request's users.
+    Resync(Request),
+    /// The rows of granted scopes, to their new members.
+    MoveIn(Vec<MoveIn>),
+}
+
+/// A copy waiting for its turn; its transaction's checkpoint entry stays open until then.
 #[derive(Debug)]
 pub(super) struct Queued {
-    request: Request,
+    job: Job,
     token: TxToken,
     end_lsn: Lsn,
 }
@@ -145,15 +164,36 @@ impl SessionState<'_> {
         end_lsn: Lsn,
     ) -> Result<bool, PipelineError> {
         let requests = std::mem::take(&mut self.resyncs.in_tx);
-        let Some(request) = requests.last().cloned() else {
+        let move_ins = self.router.take_move_ins();
+        let mut jobs = Vec::new();
+        if !move_ins.is_empty() {
+            info!(grants = move_ins.len(), %end_lsn, "memberships granted: moving rows in");
+            jobs.push(Job::MoveIn(move_ins));
+        }
+        if let Some(request) = requests.last().cloned() {
+            info!(?request, "resync requested");
+            jobs.push(Job::Resync(request));
+        }
+        if jobs.is_empty() {
+            // A copy that finished (its watermark came in this transaction) lets the next start.
+            self.start_next().await?;
             return Ok(true);
-        };
-        info!(?request, "resync requested");
-        self.resyncs.queue.push_back(Queued {
-            request,
-            token,
-            end_lsn,
-        });
+        }
+        let commit_micros = self.tracker.oldest_pending_commit().unwrap_or_default();
+        for (i, job) in jobs.into_iter().enumerate() {
+            // A second copy of the same transaction gets its own checkpoint entry, right
+            // after the transaction's.
+            let token = if i == 0 {
+                token
+            } else {
+                self.tracker.open(commit_micros)
+            };
+            self.resyncs.queue.push_back(Queued {
+                job,
+                token,
+                end_lsn,
+            });
+        }
         self.start_next().await?;
         Ok(false)
     }
@@ -178,7 +218,10 @@ impl SessionState<'_> {
             table: "-".into(),
             detail: format!("cannot read snapshot {text:?}"),
         })?;
-        let audience = self.audience_of(&db, &queued.request).await?;
+        let audience = match &queued.job {
+            Job::Resync(request) => self.audience_of(&db, request).await?,
+            Job::MoveIn(grants) => Some(Arc::new(grants.iter().map(|g| g.user.clone()).collect())),
+        };
         self.resyncs.next_watermark += 1;
         let watermark = format!("{}:{}", queued.end_lsn, self.resyncs.next_watermark);
         let marker = connect::connect(&cfg.postgres.conn, "pgds-resync").await?;
@@ -250,7 +293,8 @@ impl SessionState<'_> {
             self.emit_copy(final_lsn, parts).await?;
             return Ok(None);
         }
-        Ok((active.copied && sees).then(|| active.audience.clone()))
+        let resync = matches!(active.queued.job, Job::Resync(_));
+        Ok((resync && active.copied && sees).then(|| active.audience.clone()))
     }
 
     async fn emit_copy(
@@ -261,18 +305,23 @@ impl SessionState<'_> {
         let Some(mut active) = self.resyncs.active.take() else {
             return Ok(());
         };
-        let tables: Vec<(TableName, Option<String>)> = self
-            .cfg
-            .tables
-            .iter()
-            .map(|t| {
-                (
-                    t.table.clone(),
-                    condition(&t.route, active.audience.as_deref()),
-                )
-            })
-            .collect();
-        info!(users = active.audience.as_ref().map(|a| a.len()), before = %before, "emitting resync copy");
+        let (tables, reset) = match &active.queued.job {
+            Job::Resync(_) => (
+                self.cfg
+                    .tables
+                    .iter()
+                    .map(|t| {
+                        (
+                            t.table.clone(),
+                            condition(&t.route, active.audience.as_deref()),
+                        )
+                    })
+                    .collect(),
+                true,
+            ),
+            Job::MoveIn(grants) => (move_in_tables(&self.cfg.tables, grants), false),
+        };
+        info!(users = active.audience.as_ref().map(|a| a.len()), before = %before, reset, "emitting copy");
         self.audience = Some(Copying(active.audience.clone()));
         let result = self
             .copy_tables(
@@ -281,7 +330,7 @@ impl SessionState<'_> {
                 before.0.saturating_sub(1),
                 &before.to_string(),
                 tables,
-                true,
+                reset,
                 parts,
             )
             .await;
@@ -299,6 +348,37 @@ impl SessionState<'_> {
 /// During a copy, only the audience receives rows.
 #[derive(Debug, Clone)]
 pub(super) struct Copying(pub Audience);
+
+/// The tables routed through the granted memberships, each limited to the granted scopes.
+fn move_in_tables(
+    tables: &[crate::config::TableConfig],
+    grants: &[MoveIn],
+) -> Vec<(TableName, Option<String>)> {
+    tables
+        .iter()
+        .filter_map(|t| {
+            let Route::Via(via) = &t.route else {
+                return None;
+            };
+            let membership = via.membership();
+            let mut scopes: Vec<String> = grants
+                .iter()
+                .filter(|g| g.membership == membership)
+                .map(|g| format!("'{}'", g.scope.replace('\'', "''")))
+                .collect();
+            scopes.sort();
+            scopes.dedup();
+            (!scopes.is_empty()).then(|| {
+                let condition = format!(
+                    "{}::text IN ({})",
+                    quote_ident(&via.scope),
+                    scopes.join(", ")
+                );
+                (t.table.clone(), Some(condition))
+            })
+        })
+        .collect()
+}
 
 /// A SQL condition that limits a table's copy to one user's rows, where the route allows.
 fn condition(route: &Route, audience: Option<&HashSet<String>>) -> Option<String> {

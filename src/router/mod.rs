@@ -124,6 +124,12 @@ enum Target {
     },
 }
 
+impl Binding {
+    fn indexed(&self) -> bool {
+        !self.members.is_empty() || (self.routed && matches!(self.route, Target::Via { .. }))
+    }
+}
+
 impl Target {
     /// The column that decides the audience.
     fn column(self) -> Option<usize> {
@@ -229,6 +235,25 @@ impl Router {
         )
     }
 
+    /// Whether changes of `relation` (as last bound) feed a membership index or row keys.
+    pub fn indexes(&self, relation: u32) -> bool {
+        self.bindings.get(&relation).is_some_and(Binding::indexed)
+    }
+
+    /// Index the key of a row read from a snapshot (a table routed through a membership table),
+    /// without routing it.
+    pub fn index_row(&mut self, relation: u32, row: Vec<Field>) -> Result<(), RouteError> {
+        let Some(b) = self.bindings.get(&relation) else {
+            return Err(RouteError::UnknownRelation(relation));
+        };
+        let change = Change::Insert { new: row };
+        check_shape(b, &change)?;
+        if let Target::Via { rows, .. } = b.route {
+            index_rows(b, &mut self.scoped[rows].rows, &change);
+        }
+        Ok(())
+    }
+
     /// While set, changes are copied rows: memberships and the user set stay as they are (the
     /// copy re-states rows the index already counts), row keys are indexed.
     pub fn set_copying(&mut self, copying: bool) {
@@ -244,8 +269,8 @@ impl Router {
     /// the index was loaded from a snapshot that already holds `change`, which the replication
     /// stream is about to deliver again.
     pub fn unapply(&mut self, relation: u32, change: &Change) -> Result<(), RouteError> {
-        let Some(b) = self.bindings.get(&relation) else {
-            return Err(RouteError::UnknownRelation(relation));
+        let Some(b) = self.bindings.get(&relation).filter(|b| b.indexed()) else {
+            return Ok(());
         };
         check_shape(b, change)?;
         let inverse = match change {

@@ -6,6 +6,7 @@
 //! what was observed, and on a panic every component prints the tail of its log.
 #![allow(dead_code)]
 
+pub mod membership;
 pub mod pgds;
 pub mod postgres;
 pub mod proxy;

@@ -1,0 +1,265 @@
+//! Membership routing, move-in, move-out and row filters against the isolation oracle
+//! (`support::membership`): seeded random workloads, with a pgds crash and restart in the
+//! middle, every user's stream converging to SQL and never carrying a row value the user could
+//! not see at that point.
+//!
+//! CI runs a few small seeds. A large run is a manual command, e.g.
+//! `PGDS_MEMBERSHIP_SEED=7 PGDS_MEMBERSHIP_TXS=3000 PGDS_MEMBERSHIP_USERS=40 PGDS_MEMBERSHIP_PROJECTS=30 scripts/test --test main membership::large -- --ignored --nocapture`
+//! (`PGDS_MEMBERSHIP_TXS` transactions per phase, four phases).
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::membership::{RULES, SCHEMA, Spec, Workload, assert_converged, assert_no_leak};
+use crate::support::{Pgds, TestEnv, ops, run_check};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Seed the data, start pgds (initial copy), then four phases of `spec.transactions`: converge
+/// after the first; SIGKILL pgds after the second, run the third while it is down, restart it
+/// (it resumes from its checkpoint with the memberships of that point); converge and judge every
+/// event after the fourth.
+async fn oracle(spec: Spec, converge_timeout: Duration) {
+    let started = Instant::now();
+    let env = TestEnv::start();
+    let db = env.client().await;
+    db.batch_execute(SCHEMA).await.unwrap();
+    let mut work = Workload::new(spec.clone());
+    work.seed_data(&db).await;
+    let config = env.config(RULES);
+    let users = spec.users();
+
+    let mut pgds = Pgds::spawn(&config);
+    env.wait_streaming(&mut pgds).await;
+    work.run(&db, spec.transactions).await;
+    assert_converged(&env, &db, &users, converge_timeout).await;
+
+    work.run(&db, spec.transactions).await;
+    pgds.kill();
+    work.run(&db, spec.transactions).await;
+    let mut pgds = Pgds::spawn(&config);
+    env.wait_streaming(&mut pgds).await;
+    work.run(&db, spec.transactions).await;
+    assert_converged(&env, &db, &users, converge_timeout).await;
+    let checked = assert_no_leak(&env, &db, &users).await;
+    pgds.assert_running();
+    let log = pgds.log();
+    assert!(
+        log.contains("membership index loaded"),
+        "the restart did not load the index at its checkpoint:\n{}",
+        pgds.log_tail(40)
+    );
+    eprintln!(
+        "membership oracle: seed {}, {} committed and {} rolled-back transactions, {} events judged, {:.1} s",
+        spec.seed,
+        work.committed,
+        work.rolled_back,
+        checked,
+        started.elapsed().as_secs_f64()
+    );
+    pgds.terminate().await;
+}
+
+fn small(seed: u64) -> Spec {
+    Spec {
+        seed,
+        users: 5,
+        projects: 4,
+        transactions: 40,
+        max_statements: 4,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oracle_seed_1() {
+    oracle(small(1), Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oracle_seed_2() {
+    oracle(small(2), Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oracle_seed_3_long_transactions() {
+    let spec = Spec {
+        max_statements: 12,
+        ..small(3)
+    };
+    oracle(spec, Duration::from_secs(30)).await;
+}
+
+/// The manual large run (see the module docs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "large: run by hand with PGDS_MEMBERSHIP_* (see the module docs)"]
+async fn large() {
+    let spec = Spec {
+        seed: env_u64("PGDS_MEMBERSHIP_SEED", 7),
+        users: env_u64("PGDS_MEMBERSHIP_USERS", 40) as usize,
+        projects: env_u64("PGDS_MEMBERSHIP_PROJECTS", 30) as i64,
+        transactions: env_u64("PGDS_MEMBERSHIP_TXS", 3000) as usize,
+        max_statements: 6,
+    };
+    oracle(spec, Duration::from_secs(600)).await;
+}
+
+fn controls(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| match e["headers"]["control"].as_str() {
+            Some(c) => c.to_owned(),
+            None => format!(
+                "{} {} {}",
+                e["headers"]["operation"].as_str().unwrap_or("?"),
+                e["type"].as_str().unwrap_or("?"),
+                e["key"].as_str().unwrap_or("?")
+            ),
+        })
+        .collect()
+}
+
+/// The semantics in one readable sequence: a grant moves the scope's rows in (inside a snapshot
+/// bracket), a revocation moves them out, a row moving between scopes or out of the filter is a
+/// delete for who loses it and an insert for who gains it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_revocations_and_moves_in_order() {
+    let env = TestEnv::start();
+    let db = env.client().await;
+    db.batch_execute(SCHEMA).await.unwrap();
+    db.batch_execute(
+        "INSERT INTO projects VALUES (1, 'one'), (2, 'two');
+         INSERT INTO project_members VALUES (1, 'alice'), (2, 'carol');
+         INSERT INTO issues VALUES (1, 1, 'a', 'open', 0), (2, 1, 'b', 'done', 0), (3, 1, 'c', 'draft', 0);",
+    )
+    .await
+    .unwrap();
+    let mut pgds = Pgds::spawn(&env.config(RULES));
+    env.wait_streaming(&mut pgds).await;
+    let alice = env
+        .events_until("alice", |e| {
+            e.iter().any(|e| e["headers"]["control"] == "snapshot-end")
+        })
+        .await;
+    assert_eq!(
+        ops(&alice),
+        ["insert issues 1", "insert issues 2", "insert projects 1"],
+        "the initial copy, without the draft"
+    );
+
+    db.batch_execute("INSERT INTO project_members VALUES (1, 'bob')")
+        .await
+        .unwrap();
+    let bob = env
+        .events_until("bob", |e| {
+            e.iter().any(|e| e["headers"]["control"] == "snapshot-end")
+        })
+        .await;
+    assert_eq!(
+        controls(&bob),
+        [
+            "snapshot-start",
+            "insert issues 1",
+            "insert issues 2",
+            "insert projects 1",
+            "snapshot-end"
+        ]
+    );
+
+    db.batch_execute(
+        "BEGIN;
+         DELETE FROM project_members WHERE project_id = 1 AND user_id = 'alice';
+         UPDATE issues SET title = 'a2' WHERE id = 1;
+         COMMIT;
+         UPDATE issues SET state = 'draft' WHERE id = 2;
+         UPDATE issues SET state = 'open' WHERE id = 3;
+         UPDATE issues SET project_id = 2 WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    let carol = env.events_until("carol", |e| ops(e).len() >= 2).await;
+    assert_eq!(ops(&carol), ["insert projects 2", "insert issues 1"]);
+    let bob = env.events_until("bob", |e| ops(e).len() >= 7).await;
+    assert_eq!(
+        ops(&bob)[3..],
+        [
+            "update issues 1",
+            "delete issues 2",
+            "insert issues 3",
+            "delete issues 1"
+        ]
+    );
+    let alice = env.events_until("alice", |e| ops(e).len() >= 6).await;
+    let mut moved_out = ops(&alice)[3..].to_vec();
+    moved_out.sort();
+    assert_eq!(
+        moved_out,
+        ["delete issues 1", "delete issues 2", "delete projects 1"]
+    );
+    // Nothing after the move-out: the title change of issue 1 came after the revocation.
+    db.batch_execute("UPDATE issues SET n = 5 WHERE id = 3")
+        .await
+        .unwrap();
+    env.events_until("bob", |e| ops(e).len() >= 8).await;
+    assert_eq!(ops(&env.events("alice").await).len(), 6);
+    pgds.terminate().await;
+}
+
+/// `pgds check` names the key of each membership or filter mistake against the catalog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_membership_mistakes() {
+    let env = TestEnv::start();
+    env.client()
+        .await
+        .batch_execute(&format!(
+            "{SCHEMA} CREATE TABLE text_members (project_id text, user_id text, PRIMARY KEY (project_id, user_id));"
+        ))
+        .await
+        .unwrap();
+    let cases = [
+        (
+            "missing membership table",
+            r#"route = { via = "public.nobody", scope = "project_id", user = "user_id" }"#,
+            "nobody",
+        ),
+        (
+            "missing user column",
+            r#"route = { via = "public.project_members", scope = "project_id", user = "member" }"#,
+            "tables[0].route.user",
+        ),
+        (
+            "missing scope column",
+            r#"route = { via = "public.project_members", scope = "proj", user = "user_id" }"#,
+            "tables[0].route.scope",
+        ),
+        (
+            "scope types that cannot be joined",
+            r#"route = { via = "public.text_members", scope = "project_id", user = "user_id" }"#,
+            "cannot be joined",
+        ),
+        (
+            "a boolean filter on a text column",
+            "route = { via = \"public.project_members\", scope = \"project_id\", user = \"user_id\" }\nfilter = { column = \"state\" }",
+            "tables[0].filter",
+        ),
+        (
+            "a missing filter column",
+            "route = { via = \"public.project_members\", scope = \"project_id\", user = \"user_id\" }\nfilter = { column = \"nope\", equals = 1 }",
+            "tables[0].filter.column",
+        ),
+    ];
+    for (what, route, needle) in cases {
+        let config = env.config(&format!("[[tables]]\nname = \"public.issues\"\n{route}\n"));
+        let (status, output) = run_check(&config);
+        assert_eq!(status.code(), Some(3), "{what}: expected exit 3:\n{output}");
+        assert!(
+            output.contains(needle),
+            "{what}: the message does not name {needle:?}:\n{output}"
+        );
+    }
+}
