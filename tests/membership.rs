@@ -263,3 +263,63 @@ async fn check_names_membership_mistakes() {
         );
     }
 }
+
+/// Membership rows name arbitrary text as user ids: ids that could leave their path segment
+/// (or are empty, or too long) never address a stream. Their events are dropped with a warning
+/// and counted; legitimate ids, however odd, get their own percent-encoded stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_user_ids_never_reach_a_stream() {
+    let env = TestEnv::start();
+    let db = env.client().await;
+    db.batch_execute(SCHEMA).await.unwrap();
+    let long = "x".repeat(300);
+    let unsafe_ids = ["", "a/b", "bob/../alice", "..", "tab\there", long.as_str()];
+    db.batch_execute("INSERT INTO projects VALUES (1, 'one')")
+        .await
+        .unwrap();
+    for user in unsafe_ids.iter().chain(&["bob", "%2e%2e", "alice?x=1"]) {
+        db.execute("INSERT INTO project_members VALUES (1, $1)", &[user])
+            .await
+            .unwrap();
+    }
+    let port = crate::support::free_port();
+    let config = env.config(&format!(
+        "{RULES}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"
+    ));
+    let mut pgds = Pgds::spawn(&config);
+    env.wait_streaming(&mut pgds).await;
+    db.batch_execute("INSERT INTO issues VALUES (1, 1, 'a', 'open', 0)")
+        .await
+        .unwrap();
+    for user in ["bob", "%2e%2e", "alice?x=1"] {
+        let events = env.events_until(user, |e| ops(e).len() >= 2).await;
+        assert_eq!(
+            ops(&events),
+            ["insert projects 1", "insert issues 1"],
+            "{user}"
+        );
+    }
+    for other in ["alice", "a", "b", "x", "tab"] {
+        assert!(
+            env.events(other).await.is_empty(),
+            "{other:?} received events meant for an unsafe id"
+        );
+    }
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let expected = 2 * unsafe_ids.len();
+    crate::support::wait_for(
+        crate::support::TIMEOUT,
+        "pgds_invalid_user_ids_total to count the dropped events",
+        async || {
+            let text = match reqwest::get(&url).await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            text.lines()
+                .any(|l| l == format!("pgds_invalid_user_ids_total {expected}"))
+        },
+    )
+    .await;
+    assert!(pgds.log().contains("event for an invalid user id dropped"));
+    pgds.terminate().await;
+}
