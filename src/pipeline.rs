@@ -570,6 +570,9 @@ impl Stall {
 
 const MAX_CACHED_PATHS: usize = 100_000;
 
+/// Where routed events go.
+type EmitFn<'a> = &'a mut dyn FnMut(&str, &Bytes);
+
 impl SessionState<'_> {
     /// Report a checkpoint that moved to Postgres and to the checkpoint table.
     fn publish(&mut self, repl: &ReplicationClient, ckpt: &watch::Sender<Lsn>) {
@@ -678,7 +681,18 @@ impl SessionState<'_> {
             }
             Message::Truncate { relations, .. } => {
                 for oid in relations {
-                    if let Some(r) = self.relations.get(oid) {
+                    if let Some(open) = &self.open {
+                        let meta = open.meta.clone();
+                        self.emit_with(|router, emit| {
+                            router.truncate(oid, &meta, emit);
+                            Ok(())
+                        })?;
+                    }
+                    // A membership table's TRUNCATE is a move-out (above), not a lost change.
+                    if let Some(r) = self.relations.get(oid)
+                        && (self.cfg.table(&r.namespace, &r.name).is_some()
+                            || !self.router.indexes(oid))
+                    {
                         METRICS.truncates_not_propagated.fetch_add(1, Relaxed);
                         error!(table = %format!("{}.{}", r.namespace, r.name),
                             "TRUNCATE is not propagated to streams yet: clients keep the truncated rows until a resync");
@@ -715,6 +729,14 @@ impl SessionState<'_> {
         change: &Change,
         meta: &TxMeta,
     ) -> Result<(), PipelineError> {
+        self.emit_with(|router, emit| router.route(relation, change, meta, emit))
+    }
+
+    /// Run `f` with an `emit(user, event)` that hands events to the assembler as `route` does.
+    fn emit_with(
+        &mut self,
+        f: impl FnOnce(&mut Router, &mut EmitFn) -> Result<(), RouteError>,
+    ) -> Result<(), PipelineError> {
         let Self {
             router,
             assembler,
@@ -726,7 +748,7 @@ impl SessionState<'_> {
             skip,
             ..
         } = self;
-        router.route(relation, change, meta, &mut |user: &str, event: &Bytes| {
+        let mut emit = |user: &str, event: &Bytes| {
             if paths.len() >= MAX_CACHED_PATHS {
                 paths.clear();
             }
@@ -757,7 +779,9 @@ impl SessionState<'_> {
                 b.open(path, assembler, parts);
             }
             assembler.push(path, event.clone(), parts);
-        })?;
+        };
+        let mut emit: &mut dyn FnMut(&str, &Bytes) = &mut emit;
+        f(router, &mut emit)?;
         Ok(())
     }
 

@@ -56,11 +56,12 @@ async fn oracle(spec: Spec, converge_timeout: Duration) {
         pgds.log_tail(40)
     );
     eprintln!(
-        "membership oracle: seed {}, {} committed and {} rolled-back transactions, {} events judged, {:.1} s",
+        "membership oracle: seed {}, {} committed and {} rolled-back transactions, {} events judged, resync after a truncate: {}, {:.1} s",
         spec.seed,
         work.committed,
         work.rolled_back,
         checked,
+        log.contains("resyncing every user"),
         started.elapsed().as_secs_f64()
     );
     pgds.terminate().await;

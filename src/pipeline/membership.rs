@@ -10,13 +10,17 @@
 //! `pg_logical_slot_peek_binary_changes` decodes them from the slot without consuming anything.
 //! The result is the state at C, from which replication then replays forward.
 //!
+//! A TRUNCATE of such a table in that window cannot be undone (its rows are not in the WAL):
+//! the index then holds only what later changes name, which may route too few events but never
+//! one to a non-member, and pgds requests a resync of every user to repair the misses.
+//!
 //! Cost: the peek decodes the WAL the slot retains once more (what a restart replays anyway);
 //! the changes to undo are held in memory, only those of membership tables and of tables routed
 //! through them, only for transactions after the checkpoint.
 
 use futures_util::{StreamExt, TryStreamExt};
 use tokio_postgres::GenericClient;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{PipelineError, old_row};
 use crate::config::{Config, Route, TableName};
@@ -27,7 +31,8 @@ use crate::source::pgoutput::{self, Column, Message, Relation};
 use crate::source::value::TypeRegistry;
 use crate::source::{RelationCache, connect, copy, snapshot, tuple_fields};
 
-use super::resync::PgSnapshot;
+use super::resync::{PgSnapshot, REQUEST_PREFIX, Request};
+use crate::router::event::TxMeta;
 
 /// Load every membership table the routes read, as `db`'s snapshot sees it.
 pub(super) async fn load_memberships(
@@ -153,7 +158,8 @@ pub(super) async fn load_at_checkpoint(
     futures_util::pin_mut!(rows);
     let mut relations = RelationCache::default();
     let mut replayed = false;
-    let mut undo: Vec<(u32, Change)> = Vec::new();
+    // `None`: a TRUNCATE, whose rows no one can restore.
+    let mut undo: Vec<(u32, Option<Change>)> = Vec::new();
     while let Some(row) = rows.try_next().await? {
         let data = bytes::Bytes::copy_from_slice(row.get::<_, &[u8]>(0));
         let msg = pgoutput::decode(&data)
@@ -166,6 +172,12 @@ pub(super) async fn load_at_checkpoint(
             Message::Relation(r) => {
                 router.bind(&r)?;
                 relations.insert(r);
+                continue;
+            }
+            Message::Truncate { relations, .. } if replayed => {
+                for oid in relations.into_iter().filter(|&r| router.indexes(r)) {
+                    undo.push((oid, None));
+                }
                 continue;
             }
             Message::Insert { relation, new } if replayed && router.indexes(relation) => {
@@ -192,12 +204,47 @@ pub(super) async fn load_at_checkpoint(
             }
             _ => continue,
         };
-        undo.push(change);
+        undo.push((change.0, Some(change.1)));
     }
+    let mut truncated = false;
     for (relation, change) in undo.iter().rev() {
-        router.unapply(*relation, change)?;
+        match change {
+            Some(change) => router.unapply(*relation, change)?,
+            None => {
+                router.truncate(*relation, &no_tx(), &mut |_: &str, _: &bytes::Bytes| {});
+                truncated = true;
+            }
+        }
     }
     let (pairs, keys) = router.index_sizes();
     info!(%start, snapshot = %text, undone = undo.len(), pairs, keys, "membership index loaded");
+    if truncated {
+        // What the table held before the TRUNCATE is gone: the index only knows the rows that
+        // later changes name, so the replay may miss events but never routes one to a user who
+        // was not a member. A resync of everyone, right after the snapshot, repairs the misses.
+        warn!(%start, "a membership table (or a table routed through one) was truncated after the checkpoint: resyncing every user");
+        let request = serde_json::to_string(&Request {
+            slot: cfg.postgres.slot.clone(),
+            user: None,
+            table: None,
+            all: true,
+        })
+        .unwrap_or_default();
+        client
+            .execute(
+                "SELECT pg_logical_emit_message(true, $1, $2)",
+                &[&REQUEST_PREFIX, &request],
+            )
+            .await?;
+    }
     Ok(())
+}
+
+/// Transaction facts for events that are never emitted.
+fn no_tx() -> TxMeta {
+    TxMeta {
+        xid: String::new(),
+        timestamp: String::new(),
+        lsn: String::new(),
+    }
 }

@@ -68,6 +68,14 @@ impl MembershipIndex {
         Transition::Revoked
     }
 
+    /// Forget every membership; return the (scope, user) pairs there were.
+    pub fn clear(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.scopes)
+            .into_iter()
+            .flat_map(|(scope, users)| users.into_keys().map(move |u| (scope.clone(), u)))
+            .collect()
+    }
+
     /// The members of `scope`, in no particular order.
     pub fn members<'a>(&'a self, scope: &str) -> impl Iterator<Item = &'a str> + 'a {
         self.scopes

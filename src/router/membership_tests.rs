@@ -375,3 +375,31 @@ fn unapplying_changes_in_reverse_restores_the_earlier_index() {
     assert_eq!(r.index_sizes(), (1, 1));
     assert_eq!(revoke(&mut r, 1, "alice"), ["alice delete 10"]);
 }
+
+#[test]
+fn truncating_the_membership_table_moves_everyone_out() {
+    let mut r = router();
+    grant(&mut r, 1, "alice");
+    grant(&mut r, 2, "bob");
+    insert(&mut r, 10, 1, "open");
+    insert(&mut r, 11, 2, "open");
+    grant(&mut r, 2, "carol");
+    let mut out = Vec::new();
+    r.truncate(MEMBERS, &tx(), &mut |u: &str, e: &Bytes| {
+        let e: Value = serde_json::from_slice(e).unwrap();
+        out.push(format!(
+            "{u} {} {}",
+            e["headers"]["operation"].as_str().unwrap(),
+            e["key"].as_str().unwrap()
+        ));
+    });
+    out.sort();
+    assert_eq!(out, ["alice delete 10", "bob delete 11", "carol delete 11"]);
+    assert!(
+        r.take_move_ins().is_empty(),
+        "carol's pending move-in is void"
+    );
+    assert!(insert(&mut r, 12, 1, "open").is_empty());
+    r.truncate(ISSUES, &tx(), &mut |_: &str, _: &Bytes| {});
+    assert_eq!(r.index_sizes(), (0, 0));
+}

@@ -265,6 +265,33 @@ impl Router {
         std::mem::take(&mut self.move_ins)
     }
 
+    /// A TRUNCATE of `relation`: a membership table loses every member (each receives the
+    /// move-out of its scopes), a table routed through one forgets its row keys.
+    pub fn truncate(&mut self, relation: u32, tx: &TxMeta, emit: &mut impl FnMut(&str, &Bytes)) {
+        let Some(b) = self.bindings.get(&relation) else {
+            return;
+        };
+        if !self.copying {
+            for &(index, _, _) in &b.members {
+                let (membership, members) = &mut self.memberships[index];
+                for (scope, user) in members.clear() {
+                    let revoked = MoveIn {
+                        user,
+                        membership: membership.clone(),
+                        scope,
+                    };
+                    self.move_ins.retain(|m| *m != revoked);
+                    move_out(&self.scoped, index, &revoked, tx, emit);
+                }
+            }
+        }
+        if let Target::Via { rows, .. } = b.route
+            && b.routed
+        {
+            self.scoped[rows].rows = ScopedRows::default();
+        }
+    }
+
     /// Undo what `change` did to the membership index and the row keys, without routing it:
     /// the index was loaded from a snapshot that already holds `change`, which the replication
     /// stream is about to deliver again.
