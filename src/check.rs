@@ -214,9 +214,9 @@ async fn check_types(
         if let Route::Via(v) = &t.route
             && let (Some(a), Some(b)) = (ty(&t.table, &v.scope), ty(&v.table, &v.member_scope))
         {
-            if a.category == 'A' || b.category == 'A' || a.category != b.category {
+            if !joinable(a) || !joinable(b) || a.category != b.category {
                 report.problems.push(format!(
-                    "tables[{i}].route: {}.{} ({}) and {}.{} ({}) cannot be joined: the scope columns must be of the same kind (e.g. both integers, both text or both uuid), not arrays",
+                    "tables[{i}].route: {}.{} ({}) and {}.{} ({}) cannot be joined: the scope columns must be of the same kind, integers, numeric, text, uuid, enum or boolean (not arrays, floats or timestamps, whose text differs between replication and queries)",
                     t.table, v.scope, a.name, v.table, v.member_scope, b.name
                 ));
             }
@@ -241,6 +241,15 @@ async fn check_types(
         }
     }
     Ok(())
+}
+
+/// Whether a scope column compares the same as replicated JSON and as text in SQL.
+fn joinable(t: &catalog::ColumnType) -> bool {
+    match t.category {
+        'S' | 'U' | 'E' | 'B' => true,
+        'N' => !matches!(t.name.as_str(), "real" | "double precision" | "money"),
+        _ => false,
+    }
 }
 
 /// Tables whose replica identity pgds must set to FULL (see `check_table`).

@@ -122,6 +122,7 @@ impl PipelineError {
     pub fn is_slot_busy(&self) -> bool {
         match self {
             PipelineError::Slot(SlotError::InUse { .. }) => true,
+            PipelineError::Db(e) => e.code().is_some_and(|c| c.code() == "55006"),
             PipelineError::Replication(e) => sqlstate(e) == Some("55006"),
             _ => false,
         }

@@ -5,7 +5,8 @@
 //!
 //! CI runs a few small seeds. A large run is a manual command, e.g.
 //! `PGDS_MEMBERSHIP_SEED=7 PGDS_MEMBERSHIP_TXS=3000 PGDS_MEMBERSHIP_USERS=40 PGDS_MEMBERSHIP_PROJECTS=30 scripts/test --test main membership::large -- --ignored --nocapture`
-//! (`PGDS_MEMBERSHIP_TXS` transactions per phase, four phases).
+//! (`PGDS_MEMBERSHIP_TXS` transactions per phase, four phases; `PGDS_MEMBERSHIP_TRUNCATES=1` also
+//! truncates the membership table now and then).
 
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,7 @@ fn small(seed: u64) -> Spec {
         projects: 4,
         transactions: 40,
         max_statements: 4,
+        truncates: false,
     }
 }
 
@@ -88,9 +90,10 @@ async fn oracle_seed_2() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oracle_seed_3_long_transactions() {
+async fn oracle_seed_3_long_transactions_and_truncates() {
     let spec = Spec {
         max_statements: 12,
+        truncates: true,
         ..small(3)
     };
     oracle(spec, Duration::from_secs(30)).await;
@@ -106,6 +109,7 @@ async fn large() {
         projects: env_u64("PGDS_MEMBERSHIP_PROJECTS", 30) as i64,
         transactions: env_u64("PGDS_MEMBERSHIP_TXS", 3000) as usize,
         max_statements: 6,
+        truncates: std::env::var("PGDS_MEMBERSHIP_TRUNCATES").is_ok_and(|v| v == "1"),
     };
     oracle(spec, Duration::from_secs(600)).await;
 }

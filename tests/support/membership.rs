@@ -108,6 +108,8 @@ pub struct Spec {
     pub transactions: usize,
     /// Statements per transaction: 1 to this.
     pub max_statements: u64,
+    /// Whether the workload (rarely) truncates the membership table.
+    pub truncates: bool,
 }
 
 impl Spec {
@@ -241,7 +243,7 @@ impl Workload {
             17 => match self.rng.below(8) {
                 0 => format!("DELETE FROM todos WHERE id = {}", self.todo()),
                 1 | 2 => format!("DELETE FROM projects WHERE id = {}", self.project()),
-                3 => "TRUNCATE project_members".to_owned(),
+                3 if self.spec.truncates => "TRUNCATE project_members".to_owned(),
                 _ => format!(
                     "INSERT INTO projects VALUES ({}, 'again') ON CONFLICT DO NOTHING",
                     self.project()
