@@ -433,6 +433,56 @@ mod tests {
     }
 
     #[test]
+    fn move_ins_copy_the_granted_scopes_of_tables_routed_through_that_membership() {
+        use crate::config::{TableConfig, ViaRoute};
+        let name = |n: &str| TableName {
+            schema: "public".into(),
+            name: n.into(),
+        };
+        let via = |table: &str, scope: &str, member_scope: &str| ViaRoute {
+            table: name(table),
+            scope: scope.into(),
+            member_scope: member_scope.into(),
+            user: "user_id".into(),
+        };
+        let table = |n: &str, route: Route| TableConfig {
+            table: name(n),
+            alias: n.into(),
+            route,
+            exclude_columns: vec![],
+            filter: None,
+        };
+        let tables = [
+            table(
+                "issues",
+                Route::Via(via("members", "project_id", "project_id")),
+            ),
+            table("projects", Route::Via(via("members", "id", "project_id"))),
+            table("docs", Route::Via(via("readers", "doc_id", "doc_id"))),
+            table("todos", Route::Column("owner".into())),
+        ];
+        let grant = |scope: &str| MoveIn {
+            user: "alice".into(),
+            membership: via("members", "project_id", "project_id").membership(),
+            scope: scope.into(),
+        };
+        let copies = move_in_tables(&tables, &[grant("7"), grant("o'x"), grant("7")]);
+        assert_eq!(
+            copies,
+            [
+                (
+                    name("issues"),
+                    Some(r#""project_id"::text IN ('7', 'o''x')"#.to_owned())
+                ),
+                (
+                    name("projects"),
+                    Some(r#""id"::text IN ('7', 'o''x')"#.to_owned())
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn requests_round_trip() {
         let r: Request = serde_json::from_str(r#"{"slot":"pgds","user":"alice"}"#).unwrap();
         assert_eq!(r.user.as_deref(), Some("alice"));
