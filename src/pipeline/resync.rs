@@ -19,7 +19,8 @@
 //! granted users. Every transaction before that point is in the copy; every transaction after
 //! it is applied as usual, including those S saw (their events re-state rows the copy holds,
 //! each routed with the memberships of its own commit, so the stream converges; they are not
-//! skipped, because the copy holds the granted scopes only, not the users' whole state).
+//! skipped, because the copy holds the granted scopes only, not the users' whole state). Grants
+//! that queue up while a copy is under way are served together by the next one.
 //!
 //! Durability: the request's transaction stays open in the checkpoint tracker until the copy is
 //! handed over, so the checkpoint cannot pass the request before the copy is durable. After a
@@ -118,6 +119,8 @@ pub(super) struct Queued {
 /// The copy being made.
 pub(super) struct Active {
     queued: Queued,
+    /// Later move-ins merged into this one: their transactions, closed with the copy's.
+    merged: Vec<(TxToken, Lsn)>,
     snapshot: PgSnapshot,
     /// The connection whose open transaction holds the snapshot.
     db: tokio_postgres::Client,
@@ -203,9 +206,26 @@ impl SessionState<'_> {
         if self.resyncs.active.is_some() {
             return Ok(());
         }
-        let Some(queued) = self.resyncs.queue.pop_front() else {
+        let Some(mut queued) = self.resyncs.queue.pop_front() else {
             return Ok(());
         };
+        // Move-ins waiting behind this one join its copy: one snapshot serves every grant that
+        // committed before it, and the first grant's transaction holds the checkpoint for all.
+        let mut merged = Vec::new();
+        if let Job::MoveIn(grants) = &mut queued.job {
+            let queue = &mut self.resyncs.queue;
+            while let Some(next) = queue.front()
+                && matches!(next.job, Job::MoveIn(_))
+                && let Some(Queued {
+                    job: Job::MoveIn(more),
+                    token,
+                    end_lsn,
+                }) = queue.pop_front()
+            {
+                grants.extend(more);
+                merged.push((token, end_lsn));
+            }
+        }
         let cfg = self.cfg.clone();
         let db = connect::connect(&cfg.postgres.conn, "pgds-resync").await?;
         db.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -233,6 +253,7 @@ impl SessionState<'_> {
             .await?;
         self.resyncs.active = Some(Active {
             queued,
+            merged,
             snapshot,
             db,
             audience,
@@ -339,6 +360,9 @@ impl SessionState<'_> {
         active.db.batch_execute("COMMIT").await?;
         self.tracker
             .close(active.queued.token, active.queued.end_lsn);
+        for (token, end_lsn) in active.merged.drain(..) {
+            self.tracker.close(token, end_lsn);
+        }
         active.copied = true;
         self.resyncs.active = Some(active);
         Ok(())
