@@ -328,3 +328,57 @@ async fn unsafe_user_ids_never_reach_a_stream() {
     assert!(pgds.log().contains("event for an invalid user id dropped"));
     pgds.terminate().await;
 }
+
+/// Every kind of row filter against real column types: a row that starts matching is an insert,
+/// one that stops matching a delete, one that never matches reaches no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_of_every_kind() {
+    let env = TestEnv::start();
+    let db = env.client().await;
+    let mut rules = String::new();
+    for (table, filter) in [
+        ("f_bool", "{ column = \"pinned\" }"),
+        ("f_eq", "{ column = \"level\", equals = 3 }"),
+        ("f_in", "{ column = \"tag\", in = [\"a\", \"b\"] }"),
+        ("f_nn", "{ column = \"tag\", not_null = true }"),
+    ] {
+        db.batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, owner_id text, pinned bool, level int, tag text);
+             ALTER TABLE {table} REPLICA IDENTITY FULL;
+             INSERT INTO {table} VALUES (1, 'alice', true, 3, 'a'), (2, 'alice', false, 4, NULL);"
+        ))
+        .await
+        .unwrap();
+        rules.push_str(&format!(
+            "[[tables]]\nname = \"public.{table}\"\nroute = {{ column = \"owner_id\" }}\nfilter = {filter}\n"
+        ));
+    }
+    let mut pgds = Pgds::spawn(&env.config(&rules));
+    env.wait_streaming(&mut pgds).await;
+    for table in ["f_bool", "f_eq", "f_in", "f_nn"] {
+        db.batch_execute(&format!(
+            "UPDATE {table} SET pinned = NOT pinned, level = 7 - level, tag = CASE WHEN tag IS NULL THEN 'b' END"
+        ))
+        .await
+        .unwrap();
+    }
+    let events = env.events_until("alice", |e| ops(e).len() >= 12).await;
+    for table in ["f_bool", "f_eq", "f_in", "f_nn"] {
+        let mut of_table: Vec<String> = ops(&events)
+            .into_iter()
+            .filter(|o| o.contains(table))
+            .collect();
+        // The copy, then the one UPDATE's two rows in either order.
+        of_table[1..].sort();
+        assert_eq!(
+            of_table,
+            [
+                format!("insert {table} 1"),
+                format!("delete {table} 1"),
+                format!("insert {table} 2")
+            ],
+            "{table}"
+        );
+    }
+    pgds.terminate().await;
+}
