@@ -382,3 +382,71 @@ async fn filters_of_every_kind() {
     }
     pgds.terminate().await;
 }
+
+/// pgds restarts from its checkpoint while memberships changed meanwhile: the replay is routed
+/// with the memberships of the checkpoint, not of the restart, so a revocation made while pgds
+/// was down still moves the rows out, and a grant still moves them in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_replays_with_the_memberships_of_its_checkpoint() {
+    let env = TestEnv::start();
+    let db = env.client().await;
+    db.batch_execute(SCHEMA).await.unwrap();
+    db.batch_execute(
+        "INSERT INTO projects VALUES (1, 'one');
+         INSERT INTO project_members VALUES (1, 'alice');
+         INSERT INTO issues VALUES (1, 1, 'a', 'open', 0);",
+    )
+    .await
+    .unwrap();
+    let config = env.config(RULES);
+    let mut pgds = Pgds::spawn(&config);
+    env.wait_streaming(&mut pgds).await;
+    env.events_until("alice", |e| ops(e).len() == 2).await;
+    pgds.terminate().await;
+
+    db.batch_execute(
+        "DELETE FROM project_members WHERE user_id = 'alice';
+         INSERT INTO project_members VALUES (1, 'bob');
+         UPDATE issues SET title = 'b' WHERE id = 1;
+         INSERT INTO project_members VALUES (1, 'alice');
+         DELETE FROM project_members WHERE user_id = 'alice';",
+    )
+    .await
+    .unwrap();
+    let mut pgds = Pgds::spawn(&config);
+    env.wait_streaming(&mut pgds).await;
+    let alice = env.events_until("alice", |e| ops(e).len() >= 6).await;
+    let mut moves: Vec<String> = ops(&alice)[2..].to_vec();
+    moves.sort();
+    assert_eq!(
+        moves,
+        [
+            "delete issues 1",
+            "delete issues 1",
+            "delete projects 1",
+            "delete projects 1"
+        ],
+        "both revocations made while pgds was down move alice's rows out (the grant between \
+         them is moved in at a point where alice is no member any more: nothing)"
+    );
+    let bob = env
+        .events_until("bob", |e| {
+            ops(e).len() >= 3 && e.iter().any(|e| e["headers"]["control"] == "snapshot-end")
+        })
+        .await;
+    assert_eq!(
+        ops(&bob)[..],
+        ["update issues 1", "insert issues 1", "insert projects 1"],
+        "bob gets the live update after his grant, then the move-in copy"
+    );
+    let db_check = env.client().await;
+    crate::support::membership::assert_converged(
+        &env,
+        &db_check,
+        &["alice".to_owned(), "bob".to_owned()],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(ops(&env.events("alice").await).len(), 6);
+    pgds.terminate().await;
+}
