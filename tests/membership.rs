@@ -314,14 +314,22 @@ async fn unsafe_user_ids_never_reach_a_stream() {
     let expected = 2 * unsafe_ids.len();
     crate::support::wait_for(
         crate::support::TIMEOUT,
-        "pgds_invalid_user_ids_total to count the dropped events",
+        "the metrics to count the dropped events and the index",
         async || {
             let text = match reqwest::get(&url).await {
                 Ok(r) => r.text().await.unwrap_or_default(),
                 Err(_) => String::new(),
             };
-            text.lines()
-                .any(|l| l == format!("pgds_invalid_user_ids_total {expected}"))
+            let lines: Vec<&str> = text.lines().collect();
+            // The gauges of what the membership routes hold: 9 members of project 1, and the
+            // keys of its project row and its issue.
+            [
+                format!("pgds_invalid_user_ids_total {expected}"),
+                "pgds_membership_pairs 9".to_owned(),
+                "pgds_membership_row_keys 2".to_owned(),
+            ]
+            .iter()
+            .all(|want| lines.contains(&want.as_str()))
         },
     )
     .await;

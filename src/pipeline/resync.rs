@@ -28,6 +28,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -36,6 +37,7 @@ use tracing::{info, warn};
 use super::{PipelineError, SessionState};
 use crate::config::{Route, TableName};
 use crate::lsn::Lsn;
+use crate::metrics::METRICS;
 use crate::router::MoveIn;
 use crate::source::catalog::{quote_ident, quote_table};
 use crate::source::connect;
@@ -168,6 +170,10 @@ impl SessionState<'_> {
     ) -> Result<bool, PipelineError> {
         let requests = std::mem::take(&mut self.resyncs.in_tx);
         let move_ins = self.router.take_move_ins();
+        let (pairs, keys) = self.router.index_sizes();
+        METRICS.membership_pairs.store(pairs as u64, Relaxed);
+        METRICS.membership_row_keys.store(keys as u64, Relaxed);
+        METRICS.move_ins.fetch_add(move_ins.len() as u64, Relaxed);
         let mut jobs = Vec::new();
         if !move_ins.is_empty() {
             info!(grants = move_ins.len(), %end_lsn, "memberships granted: moving rows in");

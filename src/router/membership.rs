@@ -19,6 +19,8 @@ use serde_json::Value;
 #[derive(Debug, Default)]
 pub struct MembershipIndex {
     scopes: HashMap<String, HashMap<String, u32>>,
+    /// Distinct (scope, user) pairs.
+    pairs: usize,
 }
 
 /// What a membership row change did to the pair it names.
@@ -43,6 +45,7 @@ impl MembershipIndex {
             .or_insert(0);
         *count += 1;
         if *count == 1 {
+            self.pairs += 1;
             Transition::Granted
         } else {
             Transition::Unchanged
@@ -65,11 +68,13 @@ impl MembershipIndex {
         if users.is_empty() {
             self.scopes.remove(scope);
         }
+        self.pairs -= 1;
         Transition::Revoked
     }
 
     /// Forget every membership; return the (scope, user) pairs there were.
     pub fn clear(&mut self) -> Vec<(String, String)> {
+        self.pairs = 0;
         std::mem::take(&mut self.scopes)
             .into_iter()
             .flat_map(|(scope, users)| users.into_keys().map(move |u| (scope.clone(), u)))
@@ -86,7 +91,7 @@ impl MembershipIndex {
 
     /// Distinct (scope, user) pairs.
     pub fn len(&self) -> usize {
-        self.scopes.values().map(HashMap::len).sum()
+        self.pairs
     }
 
     pub fn is_empty(&self) -> bool {
@@ -98,24 +103,25 @@ impl MembershipIndex {
 #[derive(Debug, Default)]
 pub struct ScopedRows {
     scopes: HashMap<String, HashSet<String>>,
+    keys: usize,
 }
 
 impl ScopedRows {
     pub fn insert(&mut self, scope: &str, key: &str) {
-        match self.scopes.get_mut(scope) {
-            Some(keys) => {
-                keys.insert(key.to_owned());
-            }
+        let added = match self.scopes.get_mut(scope) {
+            Some(keys) => keys.insert(key.to_owned()),
             None => {
                 self.scopes
                     .insert(scope.to_owned(), HashSet::from([key.to_owned()]));
+                true
             }
-        }
+        };
+        self.keys += usize::from(added);
     }
 
     pub fn remove(&mut self, scope: &str, key: &str) {
         if let Some(keys) = self.scopes.get_mut(scope) {
-            keys.remove(key);
+            self.keys -= usize::from(keys.remove(key));
             if keys.is_empty() {
                 self.scopes.remove(scope);
             }
@@ -132,7 +138,7 @@ impl ScopedRows {
 
     /// Rows indexed.
     pub fn len(&self) -> usize {
-        self.scopes.values().map(HashSet::len).sum()
+        self.keys
     }
 
     pub fn is_empty(&self) -> bool {
