@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use tokio_postgres::Client;
 
-use crate::config::{Config, Route, TableName};
+use crate::config::{Config, FilterTest, Route, TableName, routing_column};
 use crate::source::catalog::{self, TableInfo, quote_table};
 use crate::source::slot;
 
@@ -27,15 +27,57 @@ impl Report {
     }
 }
 
-/// Every table pgds replicates: the configured ones and the users table.
+/// Every table pgds replicates: the configured ones, the users table and the membership tables.
 pub fn replicated_tables(cfg: &Config) -> Vec<TableName> {
     let mut tables: Vec<TableName> = cfg.tables.iter().map(|t| t.table.clone()).collect();
-    if let Some(u) = &cfg.users
-        && !tables.contains(&u.table)
-    {
-        tables.push(u.table.clone());
+    let others = cfg
+        .users
+        .iter()
+        .map(|u| &u.table)
+        .chain(cfg.tables.iter().filter_map(|t| match &t.route {
+            Route::Via(v) => Some(&v.table),
+            _ => None,
+        }));
+    for t in others {
+        if !tables.contains(t) {
+            tables.push(t.clone());
+        }
     }
     tables
+}
+
+/// The columns of `table` an UPDATE or DELETE must carry in its old row, with the config key
+/// that names each: routing, scope and filter columns, the user id column of `[users]`, the scope
+/// and user columns of a membership table.
+fn decisive_columns(cfg: &Config, table: &TableName) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (i, t) in cfg.tables.iter().enumerate() {
+        if t.table == *table {
+            if let Some(c) = routing_column(&t.route) {
+                let key = match &t.route {
+                    Route::Via(_) => "route.scope",
+                    _ => "route.column",
+                };
+                out.push((c.clone(), format!("tables[{i}].{key}")));
+            }
+            if let Some(f) = &t.filter {
+                out.push((f.column.clone(), format!("tables[{i}].filter.column")));
+            }
+        }
+        if let Route::Via(v) = &t.route
+            && v.table == *table
+        {
+            out.push((
+                v.member_scope.clone(),
+                format!("tables[{i}].route.member_scope"),
+            ));
+            out.push((v.user.clone(), format!("tables[{i}].route.user")));
+        }
+    }
+    if let Some(u) = cfg.users.as_ref().filter(|u| u.table == *table) {
+        out.push((u.column.clone(), "users.column".to_owned()));
+    }
+    out
 }
 
 /// Check server settings, privileges, tables, columns, keys, replica identities and the slot.
@@ -77,6 +119,7 @@ pub async fn check_database(
             report.primary_keys.insert(table, info.primary_key);
         }
     }
+    check_types(cfg, client, &mut report).await?;
 
     match slot::inspect_slot(client, &cfg.postgres.slot).await {
         Ok(Some(())) => report.notes.push(format!(
@@ -94,8 +137,9 @@ pub async fn check_database(
     Ok(report)
 }
 
-/// Why a table may need `REPLICA IDENTITY FULL`: routing or user id columns an UPDATE or
-/// DELETE must carry in its old row, and published TOASTable columns it may leave out.
+/// Why a table may need `REPLICA IDENTITY FULL`: the columns that decide who sees a row, which
+/// an UPDATE or DELETE must carry in its old row, and published TOASTable columns it may leave
+/// out.
 #[derive(Debug, Default)]
 struct IdentityNeeds {
     routing: Vec<String>,
@@ -107,19 +151,12 @@ fn identity_needs(cfg: &Config, table: &TableName, info: &TableInfo) -> Identity
     if info.replica_identity == 'f' {
         return needs;
     }
+    for (c, _) in decisive_columns(cfg, table) {
+        if info.has_column(&c) && !info.identity_covers(&c) && !needs.routing.contains(&c) {
+            needs.routing.push(c);
+        }
+    }
     let configured = cfg.table(&table.schema, &table.name);
-    if let Some(Route::Column(c)) = configured.map(|t| &t.route)
-        && info.has_column(c)
-        && !info.identity_covers(c)
-    {
-        needs.routing.push(c.clone());
-    }
-    if let Some(u) = cfg.users.as_ref().filter(|u| u.table == *table)
-        && info.has_column(&u.column)
-        && !info.identity_covers(&u.column)
-    {
-        needs.routing.push(u.column.clone());
-    }
     if let Some(t) = configured {
         needs.toast = info
             .toastable
@@ -150,13 +187,6 @@ fn check_table(cfg: &Config, table: &TableName, info: &TableInfo, report: &mut R
                 "table {table}: has no primary key; pgds keys events by it: add one (ALTER TABLE {quoted} ADD PRIMARY KEY (…))"
             ));
         }
-        if let Route::Column(c) = &t.route
-            && !info.has_column(c)
-        {
-            report.problems.push(format!(
-                "table {table}: routing column {c:?} does not exist (tables[].route.column)"
-            ));
-        }
         for c in &t.exclude_columns {
             if !info.has_column(c) {
                 report.problems.push(format!(
@@ -165,13 +195,12 @@ fn check_table(cfg: &Config, table: &TableName, info: &TableInfo, report: &mut R
             }
         }
     }
-    if let Some(u) = cfg.users.as_ref().filter(|u| u.table == *table)
-        && !info.has_column(&u.column)
-    {
-        report.problems.push(format!(
-            "table {table}: user id column {:?} does not exist (users.column)",
-            u.column
-        ));
+    for (c, key) in decisive_columns(cfg, table) {
+        if !info.has_column(&c) {
+            report.problems.push(format!(
+                "table {table}: column {c:?} does not exist ({key})"
+            ));
+        }
     }
     let needs = identity_needs(cfg, table, info);
     if info.replica_identity == 'n' {
@@ -204,6 +233,68 @@ fn check_table(cfg: &Config, table: &TableName, info: &TableInfo, report: &mut R
                 "{msg}; to always send whole rows: ALTER TABLE {quoted} REPLICA IDENTITY FULL, or set postgres.full_identity_for_toast = true"
             )
         })
+    }
+}
+
+/// The join of each membership route compares the scope columns by their text: they must be of
+/// the same kind (both numbers, both strings…), not arrays; a user id column is not an array; a
+/// filter without a test needs a boolean column.
+async fn check_types(
+    cfg: &Config,
+    client: &Client,
+    report: &mut Report,
+) -> Result<(), tokio_postgres::Error> {
+    let mut cache: HashMap<TableName, HashMap<String, catalog::ColumnType>> = HashMap::new();
+    for t in cfg.tables.iter() {
+        for name in std::iter::once(&t.table).chain(match &t.route {
+            Route::Via(v) => Some(&v.table),
+            _ => None,
+        }) {
+            if !cache.contains_key(name) {
+                cache.insert(name.clone(), catalog::column_types(client, name).await?);
+            }
+        }
+    }
+    for (i, t) in cfg.tables.iter().enumerate() {
+        let ty = |table: &TableName, c: &str| cache.get(table).and_then(|m| m.get(c));
+        if let Route::Via(v) = &t.route
+            && let (Some(a), Some(b)) = (ty(&t.table, &v.scope), ty(&v.table, &v.member_scope))
+        {
+            if !joinable(a) || !joinable(b) || a.category != b.category {
+                report.problems.push(format!(
+                    "tables[{i}].route: {}.{} ({}) and {}.{} ({}) cannot be joined: the scope columns must be of the same kind, integers, numeric, text, uuid, enum or boolean (not arrays, floats or timestamps, whose text differs between replication and queries)",
+                    t.table, v.scope, a.name, v.table, v.member_scope, b.name
+                ));
+            }
+            if let Some(u) = ty(&v.table, &v.user)
+                && u.category == 'A'
+            {
+                report.problems.push(format!(
+                    "tables[{i}].route.user: {}.{} is an array ({}); a membership row names one user",
+                    v.table, v.user, u.name
+                ));
+            }
+        }
+        if let Some(f) = &t.filter
+            && f.test == FilterTest::True
+            && let Some(c) = ty(&t.table, &f.column)
+            && c.category != 'B'
+        {
+            report.problems.push(format!(
+                "tables[{i}].filter: column {:?} is {}, not boolean; give a test (equals, in, not_null)",
+                f.column, c.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a scope column compares the same as replicated JSON and as text in SQL.
+fn joinable(t: &catalog::ColumnType) -> bool {
+    match t.category {
+        'S' | 'U' | 'E' | 'B' => true,
+        'N' => !matches!(t.name.as_str(), "real" | "double precision" | "money"),
+        _ => false,
     }
 }
 

@@ -144,6 +144,8 @@ pub struct TableConfig {
     pub alias: String,
     pub route: Route,
     pub exclude_columns: Vec<String>,
+    /// Only rows that match are published; `None`: every row.
+    pub filter: Option<RowFilter>,
 }
 
 /// Who receives a table's rows.
@@ -153,6 +155,62 @@ pub enum Route {
     Column(String),
     /// Every user of `[users]`: shared reference data.
     All,
+    /// Every user that a membership table lists for the row's scope value.
+    Via(ViaRoute),
+}
+
+/// `route = { via = "public.project_members", scope = "project_id", user = "user_id" }`: a row
+/// goes to every `user` of the rows of `table` whose `member_scope` equals the row's `scope`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ViaRoute {
+    /// The membership table.
+    pub table: TableName,
+    /// The scope column of the routed table.
+    pub scope: String,
+    /// The scope column of the membership table (default: the same name as `scope`).
+    pub member_scope: String,
+    /// The user id column of the membership table.
+    pub user: String,
+}
+
+impl ViaRoute {
+    /// The membership index this route reads: the same for every table routed through the same
+    /// membership table and columns.
+    pub fn membership(&self) -> Membership {
+        Membership {
+            table: self.table.clone(),
+            scope: self.member_scope.clone(),
+            user: self.user.clone(),
+        }
+    }
+}
+
+/// A membership table and its scope and user columns.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Membership {
+    pub table: TableName,
+    pub scope: String,
+    pub user: String,
+}
+
+/// `filter = { column = "c", … }`: which rows of a table are published. Values compare by their
+/// text (numbers in decimal, booleans as `true` / `false`), as Postgres prints them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowFilter {
+    pub column: String,
+    pub test: FilterTest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterTest {
+    /// `equals = v`
+    Equals(String),
+    /// `in = [v, …]`
+    In(Vec<String>),
+    /// `not_null = true`
+    NotNull,
+    /// No test given: a boolean column that must be true.
+    True,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,14 +355,49 @@ struct RawTable {
     route: RawRoute,
     #[serde(default)]
     exclude_columns: Vec<String>,
+    filter: Option<RawFilter>,
 }
 
-/// Exactly one of the fields must be set; an unknown field is an unknown route kind.
+/// Exactly one of `column`, `all`, `via` must be set; an unknown field is an unknown route kind.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     column: Option<String>,
     all: Option<bool>,
+    via: Option<String>,
+    scope: Option<String>,
+    member_scope: Option<String>,
+    user: Option<String>,
+}
+
+/// At most one of `equals`, `in`, `not_null`; none: `column` is a boolean that must be true.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFilter {
+    column: String,
+    equals: Option<FilterValue>,
+    #[serde(rename = "in")]
+    any_of: Option<Vec<FilterValue>>,
+    not_null: Option<bool>,
+}
+
+/// A filter value: a string, an integer or a boolean, compared by its text.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FilterValue {
+    Bool(bool),
+    Int(i64),
+    Text(String),
+}
+
+impl FilterValue {
+    fn text(self) -> String {
+        match self {
+            FilterValue::Bool(b) => b.to_string(),
+            FilterValue::Int(i) => i.to_string(),
+            FilterValue::Text(s) => s,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -474,40 +567,17 @@ impl RawConfig {
                     "{key}.alias: event type {alias:?} is already used by another table"
                 ));
             }
-            let route = match (t.route.column, t.route.all) {
-                (Some(column), None) if !column.is_empty() => Some(Route::Column(column)),
-                (Some(_), None) => {
-                    problems.push(format!("{key}.route.column: must not be empty"));
-                    None
-                }
-                (None, Some(true)) => {
-                    if users.is_none() {
-                        problems.push(format!(
-                            "{key}.route: `all = true` needs a [users] section naming the table of users"
-                        ));
-                    }
-                    Some(Route::All)
-                }
-                (None, Some(false)) => {
-                    problems.push(format!(
-                        "{key}.route.all: only `all = true` is meaningful; use `column = \"…\"` to route by owner"
-                    ));
-                    None
-                }
-                _ => {
-                    problems.push(format!(
-                        "{key}.route: set exactly one of `column = \"…\"` or `all = true`"
-                    ));
-                    None
-                }
-            };
-            if let Some(Route::Column(c)) = &route
-                && t.exclude_columns.contains(c)
+            let route = validate_route(&key, t.route, users.is_some(), &mut problems);
+            if let Some(c) = route.as_ref().and_then(routing_column)
+                && t.exclude_columns.iter().any(|e| e == c)
             {
                 problems.push(format!(
                     "{key}.exclude_columns: the routing column {c:?} cannot be excluded"
                 ));
             }
+            let filter = t
+                .filter
+                .and_then(|f| validate_filter(&key, f, &mut problems));
             let mut excluded = HashSet::new();
             for c in &t.exclude_columns {
                 if !excluded.insert(c) {
@@ -520,6 +590,7 @@ impl RawConfig {
                     alias,
                     route,
                     exclude_columns: t.exclude_columns,
+                    filter,
                 });
             }
         }
@@ -586,6 +657,118 @@ impl RawConfig {
             _ => Err(ConfigError { problems }),
         }
     }
+}
+
+/// The column of the routed table that decides who receives a row.
+pub fn routing_column(route: &Route) -> Option<&String> {
+    match route {
+        Route::Column(c) => Some(c),
+        Route::Via(v) => Some(&v.scope),
+        Route::All => None,
+    }
+}
+
+fn validate_route(
+    key: &str,
+    r: RawRoute,
+    have_users: bool,
+    problems: &mut Vec<String>,
+) -> Option<Route> {
+    let via_parts = r.scope.is_some() || r.member_scope.is_some() || r.user.is_some();
+    match (r.column, r.all, r.via) {
+        (Some(_), None, None) | (None, Some(_), None) if via_parts => {
+            problems.push(format!(
+                "{key}.route: `scope`, `member_scope` and `user` only go with `via = \"schema.table\"`"
+            ));
+            None
+        }
+        (Some(column), None, None) if !column.is_empty() => Some(Route::Column(column)),
+        (Some(_), None, None) => {
+            problems.push(format!("{key}.route.column: must not be empty"));
+            None
+        }
+        (None, Some(true), None) => {
+            if !have_users {
+                problems.push(format!(
+                    "{key}.route: `all = true` needs a [users] section naming the table of users"
+                ));
+            }
+            Some(Route::All)
+        }
+        (None, Some(false), None) => {
+            problems.push(format!(
+                "{key}.route.all: only `all = true` is meaningful; use `column = \"…\"` to route by owner"
+            ));
+            None
+        }
+        (None, None, Some(via)) => {
+            let table = parse_table_name(&via)
+                .map_err(|e| problems.push(format!("{key}.route.via: {e}")))
+                .ok();
+            let mut need = |name: &str, value: Option<String>| match value {
+                Some(v) if !v.is_empty() => Some(v),
+                _ => {
+                    problems.push(format!(
+                        "{key}.route.{name}: required with `via`, the name of a column"
+                    ));
+                    None
+                }
+            };
+            let scope = need("scope", r.scope);
+            let user = need("user", r.user);
+            let member_scope = match r.member_scope {
+                Some(m) => need("member_scope", Some(m)),
+                None => scope.clone(),
+            };
+            Some(Route::Via(ViaRoute {
+                table: table?,
+                scope: scope?,
+                member_scope: member_scope?,
+                user: user?,
+            }))
+        }
+        _ => {
+            problems.push(format!(
+                "{key}.route: set exactly one of `column = \"…\"`, `all = true` or `via = \"schema.table\"`"
+            ));
+            None
+        }
+    }
+}
+
+fn validate_filter(key: &str, f: RawFilter, problems: &mut Vec<String>) -> Option<RowFilter> {
+    if f.column.is_empty() {
+        problems.push(format!("{key}.filter.column: must not be empty"));
+        return None;
+    }
+    let test = match (f.equals, f.any_of, f.not_null) {
+        (None, None, None) => FilterTest::True,
+        (Some(v), None, None) => FilterTest::Equals(v.text()),
+        (None, Some(values), None) if !values.is_empty() => {
+            FilterTest::In(values.into_iter().map(FilterValue::text).collect())
+        }
+        (None, Some(_), None) => {
+            problems.push(format!("{key}.filter.in: must list at least one value"));
+            return None;
+        }
+        (None, None, Some(true)) => FilterTest::NotNull,
+        (None, None, Some(false)) => {
+            problems.push(format!(
+                "{key}.filter.not_null: only `not_null = true` is meaningful"
+            ));
+            return None;
+        }
+        _ => {
+            problems.push(format!(
+                "{key}.filter: set at most one of `equals`, `in`, `not_null` (none: a boolean column that must be true)"
+            ));
+            return None;
+        }
+    };
+    Some(RowFilter {
+        column: f.column,
+        test,
+    })
 }
 
 /// Slot and publication names go into replication commands unquoted.
@@ -814,6 +997,84 @@ route = { column = "owner_id" }
         let alias =
             format!("{BASE}\n[[tables]]\nname = \"other.todos\"\nroute = {{ column = \"x\" }}\n");
         assert_problem(&alias, "tables[1].alias");
+    }
+
+    #[test]
+    fn membership_routes_and_filters_load() {
+        let text = BASE.replace(
+            "{ column = \"owner_id\" }",
+            "{ via = \"public.project_members\", scope = \"project_id\", user = \"user_id\" }\nfilter = { column = \"state\", in = [\"open\", 3, true] }",
+        );
+        let c = Config::from_toml(&text).unwrap();
+        let Route::Via(via) = &c.tables[0].route else {
+            panic!("not a via route: {:?}", c.tables[0].route)
+        };
+        assert_eq!(via.table.to_string(), "public.project_members");
+        assert_eq!(via.scope, "project_id");
+        assert_eq!(via.member_scope, "project_id");
+        assert_eq!(via.user, "user_id");
+        let filter = c.tables[0].filter.as_ref().unwrap();
+        assert_eq!(filter.column, "state");
+        assert_eq!(
+            filter.test,
+            FilterTest::In(vec!["open".into(), "3".into(), "true".into()])
+        );
+        let other = BASE.replace(
+            "{ column = \"owner_id\" }",
+            "{ via = \"members\", scope = \"id\", member_scope = \"project_id\", user = \"u\" }\nfilter = { column = \"visible\" }",
+        );
+        let c = Config::from_toml(&other).unwrap();
+        let Route::Via(via) = &c.tables[0].route else {
+            panic!()
+        };
+        assert_eq!(
+            (via.scope.as_str(), via.member_scope.as_str()),
+            ("id", "project_id")
+        );
+        assert_eq!(c.tables[0].filter.as_ref().unwrap().test, FilterTest::True);
+    }
+
+    #[test]
+    fn bad_membership_routes_and_filters_name_their_key() {
+        let route = |r: &str| BASE.replace("{ column = \"owner_id\" }", r);
+        assert_problem(
+            &route("{ via = \"m\", scope = \"p\" }"),
+            "tables[0].route.user",
+        );
+        assert_problem(
+            &route("{ via = \"m\", user = \"u\" }"),
+            "tables[0].route.scope",
+        );
+        assert_problem(
+            &route("{ via = \"a.b.c\", scope = \"p\", user = \"u\" }"),
+            "tables[0].route.via",
+        );
+        assert_problem(
+            &route("{ column = \"owner_id\", scope = \"p\" }"),
+            "only go with `via",
+        );
+        assert_problem(
+            &route("{ column = \"o\", via = \"m\", scope = \"p\", user = \"u\" }"),
+            "tables[0].route",
+        );
+        let filter = |f: &str| format!("{BASE}filter = {f}\n");
+        assert_problem(
+            &filter("{ column = \"a\", equals = 1, not_null = true }"),
+            "tables[0].filter",
+        );
+        assert_problem(
+            &filter("{ column = \"a\", in = [] }"),
+            "tables[0].filter.in",
+        );
+        assert_problem(
+            &filter("{ column = \"a\", not_null = false }"),
+            "tables[0].filter.not_null",
+        );
+        assert_problem(&filter("{ column = \"a\", like = \"x\" }"), "like");
+        assert_problem(
+            &route("{ via = \"m\", scope = \"p\", user = \"u\" }\nexclude_columns = [\"p\"]"),
+            "routing column",
+        );
     }
 
     #[test]

@@ -22,6 +22,12 @@ pub struct Metrics {
     pub events_routed: AtomicU64,
     pub invalid_user_ids: AtomicU64,
     pub truncates: AtomicU64,
+    /// Memberships granted, whose scope's rows were copied to the new member.
+    pub move_ins: AtomicU64,
+    /// Distinct (scope, user) pairs in the membership indexes.
+    pub membership_pairs: AtomicU64,
+    /// Row keys kept by scope for tables routed through a membership table.
+    pub membership_row_keys: AtomicU64,
     pub events_appended: AtomicU64,
     pub bytes_appended: AtomicU64,
     pub appends_ok: AtomicU64,
@@ -61,6 +67,9 @@ impl Metrics {
             events_routed: AtomicU64::new(0),
             invalid_user_ids: AtomicU64::new(0),
             truncates: AtomicU64::new(0),
+            move_ins: AtomicU64::new(0),
+            membership_pairs: AtomicU64::new(0),
+            membership_row_keys: AtomicU64::new(0),
             events_appended: AtomicU64::new(0),
             bytes_appended: AtomicU64::new(0),
             appends_ok: AtomicU64::new(0),
@@ -173,6 +182,24 @@ impl Metrics {
             "counter",
             "TRUNCATEs of routed tables (each re-emits the state of the users whose streams held its rows).",
             load(&self.truncates).to_string(),
+        );
+        metric(
+            "pgds_move_ins_total",
+            "counter",
+            "Memberships granted whose scope's rows were copied to the new member.",
+            load(&self.move_ins).to_string(),
+        );
+        metric(
+            "pgds_membership_pairs",
+            "gauge",
+            "Distinct (scope, user) pairs held by the membership indexes.",
+            load(&self.membership_pairs).to_string(),
+        );
+        metric(
+            "pgds_membership_row_keys",
+            "gauge",
+            "Row keys held by scope for tables routed through a membership table.",
+            load(&self.membership_row_keys).to_string(),
         );
         metric(
             "pgds_events_appended_total",

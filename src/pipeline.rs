@@ -40,6 +40,7 @@ use crate::writer::{Writer, WriterError, WriterSettings};
 
 mod copy;
 mod holders;
+mod membership;
 mod resync;
 
 pub use resync::{REQUEST_PREFIX, Request as ResyncRequest};
@@ -130,6 +131,7 @@ impl PipelineError {
     pub fn is_slot_busy(&self) -> bool {
         match self {
             PipelineError::Slot(SlotError::InUse { .. }) => true,
+            PipelineError::Db(e) => e.code().is_some_and(|c| c.code() == "55006"),
             PipelineError::Replication(e) => sqlstate(e) == Some("55006"),
             _ => false,
         }
@@ -389,6 +391,9 @@ async fn session(
     }
     let (pairs_tx, pairs_rx) = mpsc::unbounded_channel();
     let holders = holders::Holders::load(&client, &pg.slot, &cfg.tables, pairs_tx).await?;
+    if prepared.slot == SlotPlan::Stream {
+        membership::load_at_checkpoint(&mut router, cfg, &client, start, &prepared.types).await?;
+    }
 
     let repl_cfg = ReplicationConfig::new(
         pg.conn.host.clone(),
@@ -687,6 +692,9 @@ impl Stall {
 
 const MAX_CACHED_PATHS: usize = 100_000;
 
+/// Where routed events go.
+type EmitFn<'a> = &'a mut dyn FnMut(&str, &Bytes);
+
 impl SessionState<'_> {
     /// Report a checkpoint that moved to Postgres and to the checkpoint table.
     fn publish(&mut self, repl: &ReplicationClient, ckpt: &watch::Sender<Lsn>) {
@@ -794,6 +802,16 @@ impl SessionState<'_> {
                 (relation, Change::Delete { old })
             }
             Message::Truncate { relations, .. } => {
+                for &oid in &relations {
+                    if let Some(open) = &self.open {
+                        let meta = open.meta.clone();
+                        // A membership table's TRUNCATE moves its members out.
+                        self.emit_with(None, |router, emit| {
+                            router.truncate(oid, &meta, emit);
+                            Ok(())
+                        })?;
+                    }
+                }
                 self.on_truncate(&relations);
                 return Ok(());
             }
@@ -826,6 +844,19 @@ impl SessionState<'_> {
         change: &Change,
         meta: &TxMeta,
     ) -> Result<(), PipelineError> {
+        let table = self.router.table_index(relation);
+        self.emit_with(table, |router, emit| {
+            router.route(relation, change, meta, emit)
+        })
+    }
+
+    /// Run `f` with an `emit(user, event)` that hands events to the assembler as `route` does;
+    /// they are rows of configured table `table`, when given.
+    fn emit_with(
+        &mut self,
+        table: Option<usize>,
+        f: impl FnOnce(&mut Router, &mut EmitFn) -> Result<(), RouteError>,
+    ) -> Result<(), PipelineError> {
         let Self {
             router,
             assembler,
@@ -838,8 +869,7 @@ impl SessionState<'_> {
             holders,
             ..
         } = self;
-        let table = router.table_index(relation);
-        router.route(relation, change, meta, &mut |user: &str, event: &Bytes| {
+        let mut emit = |user: &str, event: &Bytes| {
             if paths.len() >= MAX_CACHED_PATHS {
                 paths.clear();
             }
@@ -873,7 +903,9 @@ impl SessionState<'_> {
                 b.open(path, assembler, parts);
             }
             assembler.push(path, event.clone(), parts);
-        })?;
+        };
+        let mut emit: &mut dyn FnMut(&str, &Bytes) = &mut emit;
+        f(router, &mut emit)?;
         Ok(())
     }
 

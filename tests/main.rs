@@ -8,6 +8,7 @@ mod checkpoint;
 mod errors;
 mod faults;
 mod harness;
+mod membership;
 mod ops;
 mod pipeline;
 mod restart;

@@ -107,11 +107,13 @@ impl SessionState<'_> {
         .await?;
         let tables: Vec<TableName> = cfg.tables.iter().map(|t| t.table.clone()).collect();
         let users = cfg.users.as_ref().map(|u| (&u.table, u.column.as_str()));
+        let memberships: Vec<_> = self.router.memberships().cloned().collect();
         let frozen = frozen::freeze(
             &db,
             &cfg.postgres.slot,
             &tables,
             users,
+            &memberships,
             fingerprint,
             unix_micros(),
         )
@@ -138,6 +140,8 @@ impl SessionState<'_> {
             self.router
                 .set_users(catalog::load_users(&db, &users.name(), &u.column).await?);
         }
+        super::membership::load_memberships(&mut self.router, &db, &frozen.membership_tables())
+            .await?;
         let mut tables = Vec::with_capacity(frozen.tables.len());
         for (t, f) in cfg.tables.iter().zip(&frozen.tables) {
             if t.table.to_string() != f.table {
@@ -187,12 +191,19 @@ impl SessionState<'_> {
             timestamp: commit_time_rfc3339(tx.at_micros - PG_EPOCH_UNIX_MICROS),
             lsn: tx.lsn.to_string(),
         };
+        // Copied rows re-state rows: they route by the memberships, they do not change them.
+        self.router.set_copying(true);
         for source in tables {
-            self.copy_table(db, &source, &meta, parts).await?;
+            let copied = self.copy_table(db, &source, &meta, parts).await;
+            if copied.is_err() {
+                self.router.set_copying(false);
+            }
+            copied?;
         }
-        // A user of an explicit audience without rows left still gets the bracket (and reset):
-        // an empty state is a state.
-        if let Some(resync::Copying(Some(only))) = &self.audience {
+        self.router.set_copying(false);
+        // A user of an explicit audience without rows left still gets the reset and an empty
+        // bracket: an empty state is a state.
+        if reset && let Some(resync::Copying(Some(only))) = &self.audience {
             let mut users: Vec<&String> = only.iter().collect();
             users.sort();
             for user in users {

@@ -12,6 +12,16 @@
 //! are skipped for the users in scope (their effects are in the copy); those it does not see
 //! are applied as usual. After W every transaction is newer than S.
 //!
+//! Move-in: a membership granted by a transaction (see `router::membership`) is served the same
+//! way, without `reset`: a copy, at a snapshot S taken after the grant's commit, of the rows of
+//! the granted scopes in the tables routed through that membership, emitted just before the
+//! first transaction S does not see, routed with the memberships of that point and only to the
+//! granted users. Every transaction before that point is in the copy; every transaction after
+//! it is applied as usual, including those S saw (their events re-state rows the copy holds,
+//! each routed with the memberships of its own commit, so the stream converges; they are not
+//! skipped, because the copy holds the granted scopes only, not the users' whole state). Grants
+//! that queue up while a copy is under way are served together by the next one.
+//!
 //! Durability: the request's transaction stays open in the checkpoint tracker until the copy is
 //! handed over, so the checkpoint cannot pass the request before the copy is durable. After a
 //! crash the request is replayed and the copy made again, after a new `reset`.
@@ -29,6 +39,7 @@ use super::{PipelineError, SessionState};
 use crate::config::Route;
 use crate::lsn::Lsn;
 use crate::metrics::{METRICS, unix_micros};
+use crate::router::MoveIn;
 use crate::source::catalog::{quote_ident, quote_table};
 use crate::source::connect;
 use crate::writer::part::{Part, TxToken};
@@ -91,13 +102,23 @@ impl PgSnapshot {
     }
 }
 
-/// The requests of one transaction, waiting for their turn; the transaction's checkpoint entry
-/// stays open until then.
+/// What a copy re-emits.
+#[derive(Debug)]
+enum Job {
+    /// `reset` and the whole state of the users the transaction's requests name, and of those
+    /// whose streams held rows of a table it truncated.
+    Resync {
+        requests: Vec<Request>,
+        users: HashSet<String>,
+    },
+    /// The rows of granted scopes, to their new members.
+    MoveIn(Vec<MoveIn>),
+}
+
+/// A copy waiting for its turn; its transaction's checkpoint entry stays open until then.
 #[derive(Debug)]
 pub(super) struct Queued {
-    requests: Vec<Request>,
-    /// Users named by the transaction itself (whose streams held rows of a truncated table).
-    users: HashSet<String>,
+    job: Job,
     token: TxToken,
     end_lsn: Lsn,
 }
@@ -105,6 +126,8 @@ pub(super) struct Queued {
 /// The copy being made.
 pub(super) struct Active {
     queued: Queued,
+    /// Later move-ins merged into this one: their transactions, closed with the copy's.
+    merged: Vec<(TxToken, Lsn)>,
     snapshot: PgSnapshot,
     /// The connection whose open transaction holds the snapshot.
     db: tokio_postgres::Client,
@@ -153,21 +176,48 @@ impl SessionState<'_> {
         end_lsn: Lsn,
     ) -> Result<bool, PipelineError> {
         let requests = std::mem::take(&mut self.resyncs.in_tx);
-        let users = std::mem::take(&mut self.resyncs.truncated_for);
-        if requests.is_empty() && users.is_empty() {
+        let truncated_for = std::mem::take(&mut self.resyncs.truncated_for);
+        let move_ins = self.router.take_move_ins();
+        let (pairs, keys) = self.router.index_sizes();
+        METRICS.membership_pairs.store(pairs as u64, Relaxed);
+        METRICS.membership_row_keys.store(keys as u64, Relaxed);
+        METRICS.move_ins.fetch_add(move_ins.len() as u64, Relaxed);
+        let mut jobs = Vec::new();
+        if !move_ins.is_empty() {
+            info!(grants = move_ins.len(), %end_lsn, "memberships granted: moving rows in");
+            jobs.push(Job::MoveIn(move_ins));
+        }
+        if !requests.is_empty() || !truncated_for.is_empty() {
+            if requests.is_empty() {
+                info!(users = truncated_for.len(), %end_lsn, "TRUNCATE: re-emitting the state of the users whose streams held the rows");
+            } else {
+                info!(?requests, "resync requested");
+            }
+            jobs.push(Job::Resync {
+                requests,
+                users: truncated_for,
+            });
+        }
+        if jobs.is_empty() {
+            // A copy that finished (its watermark came in this transaction) lets the next start.
+            self.start_next().await?;
             return Ok(true);
         }
-        if requests.is_empty() {
-            info!(users = users.len(), %end_lsn, "TRUNCATE: re-emitting the state of the users whose streams held the rows");
-        } else {
-            info!(?requests, "resync requested");
+        let commit_micros = self.tracker.oldest_pending_commit().unwrap_or_default();
+        for (i, job) in jobs.into_iter().enumerate() {
+            // A second copy of the same transaction gets its own checkpoint entry, right
+            // after the transaction's.
+            let token = if i == 0 {
+                token
+            } else {
+                self.tracker.open(commit_micros)
+            };
+            self.resyncs.queue.push_back(Queued {
+                job,
+                token,
+                end_lsn,
+            });
         }
-        self.resyncs.queue.push_back(Queued {
-            requests,
-            users,
-            token,
-            end_lsn,
-        });
         self.start_next().await?;
         Ok(false)
     }
@@ -177,9 +227,26 @@ impl SessionState<'_> {
         if self.resyncs.active.is_some() {
             return Ok(());
         }
-        let Some(queued) = self.resyncs.queue.pop_front() else {
+        let Some(mut queued) = self.resyncs.queue.pop_front() else {
             return Ok(());
         };
+        // Move-ins waiting behind this one join its copy: one snapshot serves every grant that
+        // committed before it, and the first grant's transaction holds the checkpoint for all.
+        let mut merged = Vec::new();
+        if let Job::MoveIn(grants) = &mut queued.job {
+            let queue = &mut self.resyncs.queue;
+            while let Some(next) = queue.front()
+                && matches!(next.job, Job::MoveIn(_))
+                && let Some(Queued {
+                    job: Job::MoveIn(more),
+                    token,
+                    end_lsn,
+                }) = queue.pop_front()
+            {
+                grants.extend(more);
+                merged.push((token, end_lsn));
+            }
+        }
         let cfg = self.cfg.clone();
         let db = connect::connect(&cfg.postgres.conn, "pgds-resync").await?;
         db.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -192,7 +259,10 @@ impl SessionState<'_> {
             table: "-".into(),
             detail: format!("cannot read snapshot {text:?}"),
         })?;
-        let audience = self.audience_of(&db, &queued).await?;
+        let audience = match &queued.job {
+            Job::Resync { requests, users } => self.audience_of(&db, requests, users).await?,
+            Job::MoveIn(grants) => Some(Arc::new(grants.iter().map(|g| g.user.clone()).collect())),
+        };
         self.resyncs.next_watermark += 1;
         let watermark = format!("{}:{}", queued.end_lsn, self.resyncs.next_watermark);
         let marker = connect::connect(&cfg.postgres.conn, "pgds-resync").await?;
@@ -204,6 +274,7 @@ impl SessionState<'_> {
             .await?;
         self.resyncs.active = Some(Active {
             queued,
+            merged,
             snapshot,
             db,
             audience,
@@ -217,10 +288,11 @@ impl SessionState<'_> {
     async fn audience_of(
         &self,
         db: &tokio_postgres::Client,
-        queued: &Queued,
+        requests: &[Request],
+        users: &HashSet<String>,
     ) -> Result<Audience, PipelineError> {
-        let mut users = queued.users.clone();
-        for request in &queued.requests {
+        let mut users = users.clone();
+        for request in requests {
             match self.request_audience(db, request).await? {
                 None => return Ok(None),
                 Some(more) => users.extend(more),
@@ -297,7 +369,8 @@ impl SessionState<'_> {
             self.emit_copy(final_lsn, parts).await?;
             return Ok(None);
         }
-        Ok((active.copied && sees).then(|| active.audience.clone()))
+        let resync = matches!(active.queued.job, Job::Resync { .. });
+        Ok((resync && active.copied && sees).then(|| active.audience.clone()))
     }
 
     async fn emit_copy(
@@ -308,18 +381,23 @@ impl SessionState<'_> {
         let Some(mut active) = self.resyncs.active.take() else {
             return Ok(());
         };
-        let tables = self
-            .cfg
-            .tables
-            .iter()
-            .map(|t| {
-                CopySource::live(
-                    t.table.clone(),
-                    condition(&t.route, active.audience.as_deref()),
-                )
-            })
-            .collect();
-        info!(users = active.audience.as_ref().map(|a| a.len()), before = %before, "emitting resync copy");
+        let (tables, reset) = match &active.queued.job {
+            Job::Resync { .. } => (
+                self.cfg
+                    .tables
+                    .iter()
+                    .map(|t| {
+                        CopySource::live(
+                            t.table.clone(),
+                            condition(&t.route, active.audience.as_deref()),
+                        )
+                    })
+                    .collect(),
+                true,
+            ),
+            Job::MoveIn(grants) => (move_in_tables(&self.cfg.tables, grants), false),
+        };
+        info!(users = active.audience.as_ref().map(|a| a.len()), before = %before, reset, "emitting copy");
         self.audience = Some(Copying(active.audience.clone()));
         let result = self
             .copy_tables(
@@ -331,7 +409,7 @@ impl SessionState<'_> {
                     at_micros: unix_micros(),
                 },
                 tables,
-                true,
+                reset,
                 parts,
             )
             .await;
@@ -340,6 +418,9 @@ impl SessionState<'_> {
         active.db.batch_execute("COMMIT").await?;
         self.tracker
             .close(active.queued.token, active.queued.end_lsn);
+        for (token, end_lsn) in active.merged.drain(..) {
+            self.tracker.close(token, end_lsn);
+        }
         active.copied = true;
         self.resyncs.active = Some(active);
         Ok(())
@@ -349,6 +430,34 @@ impl SessionState<'_> {
 /// During a copy, only the audience receives rows.
 #[derive(Debug, Clone)]
 pub(super) struct Copying(pub Audience);
+
+/// The tables routed through the granted memberships, each limited to the granted scopes.
+fn move_in_tables(tables: &[crate::config::TableConfig], grants: &[MoveIn]) -> Vec<CopySource> {
+    tables
+        .iter()
+        .filter_map(|t| {
+            let Route::Via(via) = &t.route else {
+                return None;
+            };
+            let membership = via.membership();
+            let mut scopes: Vec<String> = grants
+                .iter()
+                .filter(|g| g.membership == membership)
+                .map(|g| format!("'{}'", g.scope.replace('\'', "''")))
+                .collect();
+            scopes.sort();
+            scopes.dedup();
+            (!scopes.is_empty()).then(|| {
+                let condition = format!(
+                    "{}::text IN ({})",
+                    quote_ident(&via.scope),
+                    scopes.join(", ")
+                );
+                CopySource::live(t.table.clone(), Some(condition))
+            })
+        })
+        .collect()
+}
 
 /// A SQL condition that limits a table's copy to one user's rows, where the route allows.
 fn condition(route: &Route, audience: Option<&HashSet<String>>) -> Option<String> {
@@ -400,6 +509,62 @@ mod tests {
         assert!(c.contains("'o''neil'"), "{c}");
         assert!(condition(&Route::All, Some(&one)).is_none());
         assert!(condition(&Route::Column("owner".into()), None).is_none());
+    }
+
+    #[test]
+    fn move_ins_copy_the_granted_scopes_of_tables_routed_through_that_membership() {
+        use crate::config::{TableConfig, TableName, ViaRoute};
+        let name = |n: &str| TableName {
+            schema: "public".into(),
+            name: n.into(),
+        };
+        let via = |table: &str, scope: &str, member_scope: &str| ViaRoute {
+            table: name(table),
+            scope: scope.into(),
+            member_scope: member_scope.into(),
+            user: "user_id".into(),
+        };
+        let table = |n: &str, route: Route| TableConfig {
+            table: name(n),
+            alias: n.into(),
+            route,
+            exclude_columns: vec![],
+            filter: None,
+        };
+        let tables = [
+            table(
+                "issues",
+                Route::Via(via("members", "project_id", "project_id")),
+            ),
+            table("projects", Route::Via(via("members", "id", "project_id"))),
+            table("docs", Route::Via(via("readers", "doc_id", "doc_id"))),
+            table("todos", Route::Column("owner".into())),
+        ];
+        let grant = |scope: &str| MoveIn {
+            user: "alice".into(),
+            membership: via("members", "project_id", "project_id").membership(),
+            scope: scope.into(),
+        };
+        let copies: Vec<_> = move_in_tables(&tables, &[grant("7"), grant("o'x"), grant("7")])
+            .into_iter()
+            .map(|c| {
+                assert_eq!(c.from, c.table);
+                (c.table, c.condition)
+            })
+            .collect();
+        assert_eq!(
+            copies,
+            [
+                (
+                    name("issues"),
+                    Some(r#""project_id"::text IN ('7', 'o''x')"#.to_owned())
+                ),
+                (
+                    name("projects"),
+                    Some(r#""id"::text IN ('7', 'o''x')"#.to_owned())
+                ),
+            ]
+        );
     }
 
     #[test]

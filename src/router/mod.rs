@@ -4,10 +4,18 @@
 //! The rules are bound to a table's current shape whenever a Relation message arrives, so a change
 //! is always routed with the column positions of its own schema version; a routing or key column
 //! that disappears stops the pipeline with an error naming the table instead of routing with a
-//! stale rule. The set of users (for tables shared with everyone) is state the router owns and
-//! updates from the same replication stream, in commit order.
+//! stale rule. The set of users (for tables shared with everyone) and the memberships (for tables
+//! routed through a membership table, see [`membership`]) are state the router owns and updates
+//! from the same replication stream, in commit order.
+//!
+//! A row leaves a user's view (routing column or scope changed, membership revoked, row filter no
+//! longer matched): the user receives a `delete` for it. A row enters a user's view through an
+//! update (new owner or scope, filter now matched): an `insert`. A granted membership is a
+//! [`MoveIn`] the pipeline serves with a copy of the scope's rows (see `pipeline::resync`).
 
 pub mod event;
+pub mod membership;
+mod scoped;
 
 use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
@@ -15,9 +23,11 @@ use std::collections::{BTreeSet, HashMap};
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::config::{Route, TableConfig, TableName, UsersConfig};
+use crate::config::{FilterTest, Membership, Route, TableConfig, TableName, UsersConfig};
 use crate::source::pgoutput::Relation;
 use event::{Operation, RowValue, TxMeta, change_event};
+use membership::{MembershipIndex, ScopedRows, Transition, scope_text};
+use scoped::{for_each_pair, index_rows, move_out};
 
 /// One column value of a decoded row.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,7 +94,7 @@ pub enum RouteError {
 }
 
 /// How a configured table is routed, bound to its current column positions.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Binding {
     table: String,
     /// `headers.schema` of the table's events.
@@ -98,12 +108,65 @@ struct Binding {
     /// Columns that are part of the replica identity (sent in a key-only old row).
     identity: Vec<bool>,
     key: Vec<usize>,
-    /// `Some(column)` for a column route, `None` for everyone.
-    route: Option<usize>,
-    /// Set when the column names both a routed table and the users table.
+    route: Target,
+    /// Only rows whose column at this position passes the test are published.
+    filter: Option<(usize, FilterTest)>,
+    /// Set when the relation is a configured table (it may also be the users table or a
+    /// membership table).
     routed: bool,
     /// Position of the user id column when this relation is the users table.
     users_column: Option<usize>,
+    /// For each membership index this relation feeds: (index, scope column, user column).
+    members: Vec<(usize, usize, usize)>,
+}
+
+/// A binding's route, by column position.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Column(usize),
+    All,
+    /// The members of membership index `index` for the scope in column `scope`; the row keys
+    /// are kept in `Router::scoped[rows]`.
+    Via {
+        index: usize,
+        scope: usize,
+        rows: usize,
+    },
+}
+
+impl Binding {
+    fn indexed(&self) -> bool {
+        !self.members.is_empty() || (self.routed && matches!(self.route, Target::Via { .. }))
+    }
+}
+
+impl Target {
+    /// The column that decides the audience.
+    fn column(self) -> Option<usize> {
+        match self {
+            Target::Column(c) | Target::Via { scope: c, .. } => Some(c),
+            Target::All => None,
+        }
+    }
+}
+
+/// A user became a member of a scope: the pipeline copies the scope's current rows to them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MoveIn {
+    pub user: String,
+    pub membership: Membership,
+    pub scope: String,
+}
+
+/// The row keys of one table routed through a membership table.
+#[derive(Debug)]
+struct Scoped {
+    table: TableName,
+    alias: String,
+    /// `headers.schema` of the table's events, as of its last binding.
+    schema: String,
+    index: usize,
+    rows: ScopedRows,
 }
 
 /// Routes changes to users.
@@ -114,6 +177,13 @@ pub struct Router {
     primary_keys: HashMap<TableName, Vec<String>>,
     bindings: HashMap<u32, Binding>,
     users: BTreeSet<String>,
+    /// One index per distinct membership table and columns.
+    memberships: Vec<(Membership, MembershipIndex)>,
+    scoped: Vec<Scoped>,
+    /// Memberships granted since the last [`Router::take_move_ins`].
+    move_ins: Vec<MoveIn>,
+    /// Set while copied rows are routed: they re-state rows, they do not change memberships.
+    copying: bool,
 }
 
 impl Router {
@@ -123,12 +193,37 @@ impl Router {
         users_table: Option<UsersConfig>,
         primary_keys: HashMap<TableName, Vec<String>>,
     ) -> Self {
+        let mut memberships: Vec<(Membership, MembershipIndex)> = Vec::new();
+        let mut scoped = Vec::new();
+        for t in &tables {
+            if let Route::Via(via) = &t.route {
+                let m = via.membership();
+                let index = match memberships.iter().position(|(x, _)| *x == m) {
+                    Some(i) => i,
+                    None => {
+                        memberships.push((m, MembershipIndex::default()));
+                        memberships.len() - 1
+                    }
+                };
+                scoped.push(Scoped {
+                    table: t.table.clone(),
+                    alias: t.alias.clone(),
+                    schema: String::new(),
+                    index,
+                    rows: ScopedRows::default(),
+                });
+            }
+        }
         Router {
             tables,
             users_table,
             primary_keys,
             bindings: HashMap::new(),
             users: BTreeSet::new(),
+            memberships,
+            scoped,
+            move_ins: Vec::new(),
+            copying: false,
         }
     }
 
@@ -164,6 +259,12 @@ impl Router {
             Some(u) if u.table == name => Some(position(&u.column)?),
             _ => None,
         };
+        let mut members = Vec::new();
+        for (i, (m, _)) in self.memberships.iter().enumerate() {
+            if m.table == name {
+                members.push((i, position(&m.scope)?, position(&m.user)?));
+            }
+        }
         let config = self
             .tables
             .iter()
@@ -172,8 +273,25 @@ impl Router {
         let binding = match config {
             Some((index, config)) => {
                 let route = match &config.route {
-                    Route::Column(c) => Some(position(c)?),
-                    Route::All => None,
+                    Route::Column(c) => Target::Column(position(c)?),
+                    Route::All => Target::All,
+                    Route::Via(via) => Target::Via {
+                        index: self
+                            .memberships
+                            .iter()
+                            .position(|(m, _)| *m == via.membership())
+                            .unwrap_or_default(),
+                        scope: position(&via.scope)?,
+                        rows: self
+                            .scoped
+                            .iter()
+                            .position(|s| s.table == name)
+                            .unwrap_or_default(),
+                    },
+                };
+                let filter = match &config.filter {
+                    Some(f) => Some((position(&f.column)?, f.test.clone())),
+                    None => None,
                 };
                 for c in &config.exclude_columns {
                     position(c)?;
@@ -210,6 +328,11 @@ impl Router {
                         .filter(|&(_, &inc): &(_, &bool)| inc)
                         .map(|(c, _)| (c.name.as_str(), c.type_oid)),
                 );
+                if let Target::Via { rows, .. } = &route
+                    && let Some(s) = self.scoped.get_mut(*rows)
+                {
+                    s.schema = schema.clone();
+                }
                 Binding {
                     table,
                     schema,
@@ -220,11 +343,13 @@ impl Router {
                     identity,
                     key,
                     route,
+                    filter,
                     routed: true,
                     users_column,
+                    members,
                 }
             }
-            None if users_column.is_some() => Binding {
+            None if users_column.is_some() || !members.is_empty() => Binding {
                 table,
                 schema: String::new(),
                 index: usize::MAX,
@@ -233,9 +358,11 @@ impl Router {
                 included: Vec::new(),
                 identity,
                 key: Vec::new(),
-                route: None,
+                route: Target::All,
+                filter: None,
                 routed: false,
                 users_column,
+                members,
             },
             None => {
                 // A configured table that comes back under another name was renamed: its rules
@@ -276,31 +403,125 @@ impl Router {
             return Err(RouteError::UnknownRelation(relation));
         };
         check_shape(b, change)?;
-        if let Some(col) = b.users_column {
-            update_users(&mut self.users, col, change);
+        let Self {
+            users,
+            memberships,
+            scoped,
+            move_ins,
+            copying,
+            ..
+        } = self;
+        if let Some(col) = b.users_column
+            && !*copying
+        {
+            update_users(users, col, change);
+        }
+        if !*copying {
+            for &(index, scope, user) in &b.members {
+                let (membership, members) = &mut memberships[index];
+                for_each_pair(change, scope, user, |(scope, user), add| {
+                    let transition = if add {
+                        members.add(&scope, &user)
+                    } else {
+                        members.remove(&scope, &user)
+                    };
+                    let move_in = MoveIn {
+                        user,
+                        membership: membership.clone(),
+                        scope,
+                    };
+                    match transition {
+                        Transition::Granted => move_ins.push(move_in),
+                        Transition::Revoked => {
+                            move_ins.retain(|m| *m != move_in);
+                            move_out(scoped, index, &move_in, tx, emit);
+                        }
+                        Transition::Unchanged => {}
+                    }
+                });
+            }
         }
         if !b.routed {
             return Ok(());
         }
+        if let Some(col) = b.route.column()
+            && let Change::Delete { old } = change
+            && !covers(b, old, col)
+        {
+            return Err(no_old_route(b, col, "DELETE"));
+        }
+        if let Target::Via { rows, .. } = b.route {
+            index_rows(b, &mut scoped[rows].rows, change);
+        }
+        let ctx = Ctx { users, memberships };
         match change {
             Change::Insert { new } => {
                 let event = row_event(b, new, None, Operation::Insert, tx);
-                for_each_user(b, new, &self.users, |u| emit(u, &event));
+                for u in ctx.audience(b, new) {
+                    emit(&u, &event);
+                }
             }
             Change::Delete { old } => {
-                if let Some(col) = b.route
-                    && !covers(b, old, col)
-                {
-                    return Err(no_old_route(b, col, "DELETE"));
-                }
                 let event = delete_event(b, &old.fields, tx);
-                for_each_user(b, &old.fields, &self.users, |u| emit(u, &event));
+                for u in ctx.audience(b, &old.fields) {
+                    emit(&u, &event);
+                }
             }
             Change::Update { old, new } => {
-                route_update(b, old.as_ref(), new, &self.users, tx, emit)?;
+                route_update(b, old.as_ref(), new, &ctx, tx, emit)?;
             }
         }
         Ok(())
+    }
+}
+
+/// What decides a row's audience besides its binding.
+struct Ctx<'a> {
+    users: &'a BTreeSet<String>,
+    memberships: &'a [(Membership, MembershipIndex)],
+}
+
+impl Ctx<'_> {
+    /// The users who may see `row` (empty when the row filter does not match).
+    fn audience<'r>(&'r self, b: &Binding, row: &'r [Field]) -> BTreeSet<Cow<'r, str>> {
+        if !passes(b, row) {
+            return BTreeSet::new();
+        }
+        match b.route {
+            Target::Column(col) => user_ids(field_value(&row[col])).collect(),
+            Target::All => self
+                .users
+                .iter()
+                .map(|u| Cow::Borrowed(u.as_str()))
+                .collect(),
+            Target::Via { index, scope, .. } => match scope_text(field_value(&row[scope])) {
+                Some(scope) => self.memberships[index]
+                    .1
+                    .members(&scope)
+                    .map(|u| Cow::Owned(u.to_owned()))
+                    .collect(),
+                None => BTreeSet::new(),
+            },
+        }
+    }
+}
+
+/// Whether `row` passes the binding's row filter (a missing value does not).
+fn passes(b: &Binding, row: &[Field]) -> bool {
+    let Some((col, test)) = &b.filter else {
+        return true;
+    };
+    let text = match &row[*col] {
+        Field::Value(Value::Null) | Field::Unchanged => None,
+        Field::Value(Value::String(s)) => Some(Cow::Borrowed(s.as_str())),
+        Field::Value(other) => Some(Cow::Owned(other.to_string())),
+    };
+    match (test, text) {
+        (_, None) => false,
+        (FilterTest::NotNull, Some(_)) => true,
+        (FilterTest::True, Some(t)) => t == "true",
+        (FilterTest::Equals(v), Some(t)) => *v == t,
+        (FilterTest::In(vs), Some(t)) => vs.iter().any(|v| *v == t),
     }
 }
 
@@ -340,7 +561,7 @@ fn route_update(
     b: &Binding,
     old: Option<&OldRow>,
     new: &[Field],
-    users: &BTreeSet<String>,
+    ctx: &Ctx,
     tx: &TxMeta,
     emit: &mut impl FnMut(&str, &Bytes),
 ) -> Result<(), RouteError> {
@@ -366,19 +587,23 @@ fn route_update(
     let old_key = old
         .map(|o| encode_key(b, &o.fields))
         .filter(|k| *k != new_key);
-    // The audience before the change. Without an old routing value the column did not change:
-    // Postgres sends the old identity whenever an identity column changes, and `pgds check`
-    // requires REPLICA IDENTITY FULL when the routing column is not part of the identity.
-    let before: Option<BTreeSet<Cow<str>>> = match (b.route, old) {
-        (Some(col), Some(o)) if covers(b, o, col) => {
-            Some(user_ids(field_value(&o.fields[col])).collect())
+    // The audience before the change. Without an old routing (and filter) value the column did
+    // not change: Postgres sends the old identity whenever an identity column changes, and
+    // `pgds check` requires REPLICA IDENTITY FULL when the routing or filter column is not part
+    // of the identity.
+    let decides: Vec<usize> = b
+        .route
+        .column()
+        .into_iter()
+        .chain(b.filter.as_ref().map(|f| f.0))
+        .collect();
+    let before: Option<BTreeSet<Cow<str>>> = match old {
+        Some(o) if !decides.is_empty() && decides.iter().all(|&c| covers(b, o, c)) => {
+            Some(ctx.audience(b, &o.fields))
         }
         _ => None,
     };
-    let after: BTreeSet<Cow<str>> = match b.route {
-        Some(col) => user_ids(field_value(&new[col])).collect(),
-        None => users.iter().map(|u| Cow::Borrowed(u.as_str())).collect(),
-    };
+    let after = ctx.audience(b, new);
     let update = row_event(b, new, Some(&new_key), Operation::Update, tx);
     let insert = row_event(b, new, Some(&new_key), Operation::Insert, tx);
     let delete = old.map(|o| delete_event(b, &o.fields, tx));
@@ -421,16 +646,6 @@ fn user_ids(v: &Value) -> impl Iterator<Item = Cow<'_, str>> {
         Value::Number(n) => Some(Cow::Owned(n.to_string())),
         _ => None,
     })
-}
-
-fn for_each_user(b: &Binding, row: &[Field], users: &BTreeSet<String>, mut f: impl FnMut(&str)) {
-    match b.route {
-        Some(col) => {
-            let targets: BTreeSet<Cow<str>> = user_ids(field_value(&row[col])).collect();
-            targets.iter().for_each(|u| f(u));
-        }
-        None => users.iter().for_each(|u| f(u)),
-    }
 }
 
 fn update_users(users: &mut BTreeSet<String>, col: usize, change: &Change) {
@@ -523,3 +738,6 @@ fn delete_event(b: &Binding, old: &[Field], tx: &TxMeta) -> Bytes {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod membership_tests;

@@ -51,18 +51,21 @@ fn router() -> Router {
             alias: "todos".into(),
             route: Route::Column("owner".into()),
             exclude_columns: vec!["secret".into()],
+            filter: None,
         },
         TableConfig {
             table: table("docs"),
             alias: "documents".into(),
             route: Route::Column("editors".into()),
             exclude_columns: vec![],
+            filter: None,
         },
         TableConfig {
             table: table("news"),
             alias: "news".into(),
             route: Route::All,
             exclude_columns: vec![],
+            filter: None,
         },
     ];
     let users = UsersConfig {
@@ -338,6 +341,7 @@ fn composite_keys_are_json_arrays_of_texts() {
         alias: "pairs".into(),
         route: Route::Column("owner".into()),
         exclude_columns: vec![],
+        filter: None,
     }];
     let keys = HashMap::from([(table("pairs"), vec!["a".to_owned(), "b".to_owned()])]);
     let mut r = Router::new(tables, None, keys);
@@ -392,6 +396,7 @@ fn delete_without_old_routing_value_is_an_error() {
         alias: "t".into(),
         route: Route::Column("owner".into()),
         exclude_columns: vec![],
+        filter: None,
     }];
     let mut r = Router::new(
         tables,

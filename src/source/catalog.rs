@@ -103,6 +103,46 @@ pub async fn table_info(
     }))
 }
 
+/// A column's type as `pgds check` compares them: its name and its category (`pg_type.typcategory`
+/// of the type, or of a domain's base type: `N` numeric, `S` string, `B` boolean, `A` array…).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnType {
+    pub name: String,
+    pub category: char,
+}
+
+/// The type of each column of `table` (by column name).
+pub async fn column_types(
+    client: &Client,
+    table: &TableName,
+) -> Result<HashMap<String, ColumnType>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, NULL), b.typcategory::text \
+             FROM pg_attribute a \
+             JOIN pg_class c ON c.oid = a.attrelid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_type t ON t.oid = a.atttypid \
+             JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END \
+             WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&table.schema, &table.name],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let category: String = r.get(2);
+            (
+                r.get(0),
+                ColumnType {
+                    name: r.get(1),
+                    category: category.chars().next().unwrap_or('X'),
+                },
+            )
+        })
+        .collect())
+}
+
 /// A server setting (`SHOW`).
 pub async fn setting(client: &Client, name: &str) -> Result<String, tokio_postgres::Error> {
     let row = client

@@ -12,11 +12,13 @@
 //! Unlogged tables are emptied by a Postgres crash recovery: the recorded row counts detect
 //! that, and the copy is then redone from a new slot after a `reset`.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 use tracing::info;
 
-use crate::config::TableName;
+use crate::config::{Membership, TableName};
 use crate::source::catalog::{quote_ident, quote_table};
 use crate::source::snapshot;
 
@@ -28,6 +30,23 @@ pub struct FrozenTable {
     /// The frozen copy, a table of schema `pgds`.
     pub frozen: String,
     pub rows: u64,
+}
+
+impl Frozen {
+    /// Each frozen membership table by its source.
+    pub fn membership_tables(&self) -> HashMap<TableName, TableName> {
+        self.memberships
+            .iter()
+            .filter_map(|t| {
+                let (schema, name) = t.table.split_once('.')?;
+                let source = TableName {
+                    schema: schema.to_owned(),
+                    name: name.to_owned(),
+                };
+                Some((source, t.name()))
+            })
+            .collect()
+    }
 }
 
 impl FrozenTable {
@@ -46,6 +65,9 @@ pub struct Frozen {
     pub tables: Vec<FrozenTable>,
     /// The users of `[users]`, one column named like the configured one.
     pub users: Option<FrozenTable>,
+    /// The membership tables of membership routes, their scope and user columns.
+    #[serde(default)]
+    pub memberships: Vec<FrozenTable>,
     #[serde(skip)]
     pub fingerprint: String,
     /// When the copy started (Unix microseconds): the timestamp of its events.
@@ -61,12 +83,14 @@ pub async fn freeze(
     slot: &str,
     tables: &[TableName],
     users: Option<(&TableName, &str)>,
+    memberships: &[Membership],
     fingerprint: String,
     copied_at_micros: i64,
 ) -> Result<Frozen, tokio_postgres::Error> {
     let mut frozen = Frozen {
         tables: Vec::with_capacity(tables.len()),
         users: None,
+        memberships: Vec::new(),
         fingerprint,
         copied_at_micros,
     };
@@ -88,7 +112,34 @@ pub async fn freeze(
         );
         frozen.users = Some(freeze_one(db, table, &select).await?);
     }
-    let listed = serde_json::json!({ "tables": frozen.tables, "users": frozen.users });
+    let mut frozen_memberships: Vec<&TableName> = Vec::new();
+    for m in memberships {
+        if frozen_memberships.contains(&&m.table) {
+            continue;
+        }
+        frozen_memberships.push(&m.table);
+        let columns: Vec<&String> = memberships
+            .iter()
+            .filter(|o| o.table == m.table)
+            .flat_map(|o| [&o.scope, &o.user])
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let list = columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let select = format!("SELECT {list} FROM {}", quote_table(&m.table));
+        frozen
+            .memberships
+            .push(freeze_one(db, &m.table, &select).await?);
+    }
+    let listed = serde_json::json!({
+        "tables": frozen.tables,
+        "users": frozen.users,
+        "memberships": frozen.memberships,
+    });
     db.execute(
         "INSERT INTO pgds.frozen (slot, tables, fingerprint, copied_at) \
          VALUES ($1, $2::text::jsonb, $3, 'epoch'::timestamptz + $4::bigint * interval '1 microsecond')",
@@ -144,7 +195,12 @@ pub async fn load(client: &Client, slot: &str) -> Result<Option<Frozen>, tokio_p
 
 /// Whether every frozen table still holds its rows (a Postgres crash recovery empties them).
 pub async fn intact(client: &Client, frozen: &Frozen) -> Result<bool, tokio_postgres::Error> {
-    for t in frozen.tables.iter().chain(&frozen.users) {
+    for t in frozen
+        .tables
+        .iter()
+        .chain(&frozen.users)
+        .chain(&frozen.memberships)
+    {
         let exists: bool = client
             .query_one(
                 "SELECT to_regclass($1) IS NOT NULL",
@@ -182,7 +238,12 @@ pub async fn discard(client: &Client, slot: &str) -> Result<(), tokio_postgres::
         return Ok(());
     };
     if let Ok(frozen) = serde_json::from_str::<Frozen>(&listed) {
-        for t in frozen.tables.iter().chain(&frozen.users) {
+        for t in frozen
+            .tables
+            .iter()
+            .chain(&frozen.users)
+            .chain(&frozen.memberships)
+        {
             client
                 .batch_execute(&format!("DROP TABLE IF EXISTS {}", quote_table(&t.name())))
                 .await?;

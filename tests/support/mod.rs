@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod http1;
+pub mod membership;
 pub mod pgds;
 pub mod postgres;
 pub mod proxy;
