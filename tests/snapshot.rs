@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{Pgds, ShutdownMode, TIMEOUT, TestEnv, materialize, ops, summarize, wait_for};
+use crate::support::{Pgds, ShutdownMode, TIMEOUT, TestEnv, ops, summarize, wait_for};
 
 const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
 /// Rows that exist before pgds starts, in the tests of a copy under writes and kills.
@@ -119,13 +119,7 @@ fn assert_each_row_once(user: &str, events: &[Value]) {
 async fn assert_streams_match_sql(env: &TestEnv, db: &tokio_postgres::Client) {
     let want = expected(db).await;
     for user in USERS {
-        let want = &want[user];
-        wait_for(
-            TIMEOUT,
-            &format!("{user}'s stream to equal SQL"),
-            async || materialize(&env.events(user).await) == *want,
-        )
-        .await;
+        env.wait_materialized(user, &want[user]).await;
         assert_each_row_once(user, &env.events(user).await);
     }
 }
@@ -295,13 +289,7 @@ async fn a_copy_whose_frozen_rows_were_lost_starts_again_behind_a_reset() {
     );
     let want = expected(&db).await;
     for user in USERS {
-        let want = &want[user];
-        wait_for(
-            TIMEOUT,
-            &format!("{user}'s stream to equal SQL"),
-            async || materialize(&env.events(user).await) == *want,
-        )
-        .await;
+        env.wait_materialized(user, &want[user]).await;
     }
     let alice = env.events("alice").await;
     let controls: Vec<&str> = alice

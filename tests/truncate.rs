@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use crate::support::{Pgds, TIMEOUT, TestEnv, materialize, summarize, wait_for};
+use crate::support::{Pgds, TIMEOUT, TestEnv, summarize, wait_for};
 
 const USERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
 
@@ -62,12 +62,7 @@ async fn expected(
 async fn assert_streams_match_sql(env: &TestEnv, db: &tokio_postgres::Client) {
     let want = expected(db).await;
     for user in USERS {
-        wait_for(
-            TIMEOUT,
-            &format!("{user}'s stream to equal SQL"),
-            async || materialize(&env.events(user).await) == want[user],
-        )
-        .await;
+        env.wait_materialized(user, &want[user]).await;
     }
 }
 

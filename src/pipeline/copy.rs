@@ -24,7 +24,6 @@ use crate::metrics::{METRICS, unix_micros};
 use crate::router::event::TxMeta;
 use crate::router::{Change, Field};
 use crate::source::frozen::{self, Frozen};
-use crate::source::pgoutput::{Column, Relation};
 use crate::source::snapshot::{self, ExportedSnapshot};
 use crate::source::{PG_EPOCH_UNIX_MICROS, catalog, commit_time_rfc3339, connect, copy};
 use crate::writer::part::{Part, TxToken};
@@ -251,21 +250,7 @@ impl SessionState<'_> {
                 .await?
                 .1;
         }
-        let relation = Relation {
-            oid,
-            namespace: table.schema.clone(),
-            name: table.name.clone(),
-            replica_identity: b'd',
-            columns: columns
-                .iter()
-                .map(|(name, type_oid)| Column {
-                    is_key: false,
-                    name: name.clone(),
-                    type_oid: *type_oid,
-                    type_modifier: -1,
-                })
-                .collect(),
-        };
+        let relation = snapshot::relation(oid, table, &columns);
         self.router.bind(&relation)?;
         let estimate = match source.rows {
             Some(rows) => rows,

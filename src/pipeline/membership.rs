@@ -30,11 +30,11 @@ use crate::config::{Config, Route, TableName};
 use crate::lsn::Lsn;
 use crate::router::{Change, Field, Router};
 use crate::source::catalog::{quote_ident, quote_table};
-use crate::source::pgoutput::{self, Column, Message, Relation};
+use crate::source::pgoutput::{self, Message};
 use crate::source::value::TypeRegistry;
-use crate::source::{RelationCache, connect, copy, snapshot, tuple_fields};
+use crate::source::{RelationCache, copy, snapshot, tuple_fields};
 
-use super::resync::{PgSnapshot, REQUEST_PREFIX, Request};
+use super::resync::{REQUEST_PREFIX, Request, open_snapshot};
 use crate::router::event::TxMeta;
 
 /// Load every membership table the routes read, as `db`'s snapshot sees it, or from its frozen
@@ -77,21 +77,7 @@ async fn load_row_keys(
             detail,
         };
         let (oid, columns) = snapshot::columns(db, &table.schema, &table.name).await?;
-        router.bind(&Relation {
-            oid,
-            namespace: table.schema.clone(),
-            name: table.name.clone(),
-            replica_identity: b'd',
-            columns: columns
-                .iter()
-                .map(|(name, type_oid)| Column {
-                    is_key: false,
-                    name: name.clone(),
-                    type_oid: *type_oid,
-                    type_modifier: -1,
-                })
-                .collect(),
-        })?;
+        router.bind(&snapshot::relation(oid, table, &columns))?;
         let list = columns
             .iter()
             .map(|(c, _)| quote_ident(c))
@@ -137,17 +123,7 @@ pub(super) async fn load_at_checkpoint(
     if router.memberships().next().is_none() {
         return Ok(());
     }
-    let db = connect::connect(&cfg.postgres.conn, "pgds-index").await?;
-    db.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .await?;
-    let text: String = db
-        .query_one("SELECT pg_current_snapshot()::text", &[])
-        .await?
-        .get(0);
-    let seen = PgSnapshot::parse(&text).ok_or_else(|| PipelineError::Copy {
-        table: "-".into(),
-        detail: format!("cannot read snapshot {text:?}"),
-    })?;
+    let (db, seen) = open_snapshot(cfg, "pgds-index").await?;
     load_memberships(router, &db, &HashMap::new()).await?;
     load_row_keys(router, cfg, &db, types).await?;
     db.batch_execute("COMMIT").await?;
@@ -222,7 +198,7 @@ pub(super) async fn load_at_checkpoint(
         }
     }
     let (pairs, keys) = router.index_sizes();
-    info!(%start, snapshot = %text, undone = undo.len(), pairs, keys, "membership index loaded");
+    info!(%start, snapshot = ?seen, undone = undo.len(), pairs, keys, "membership index loaded");
     if truncated {
         // What the table held before the TRUNCATE is gone: the index only knows the rows that
         // later changes name, so the replay may miss events but never routes one to a user who

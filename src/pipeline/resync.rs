@@ -248,17 +248,7 @@ impl SessionState<'_> {
             }
         }
         let cfg = self.cfg.clone();
-        let db = connect::connect(&cfg.postgres.conn, "pgds-resync").await?;
-        db.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            .await?;
-        let text: String = db
-            .query_one("SELECT pg_current_snapshot()::text", &[])
-            .await?
-            .get(0);
-        let snapshot = PgSnapshot::parse(&text).ok_or_else(|| PipelineError::Copy {
-            table: "-".into(),
-            detail: format!("cannot read snapshot {text:?}"),
-        })?;
+        let (db, snapshot) = open_snapshot(&cfg, "pgds-resync").await?;
         let audience = match &queued.job {
             Job::Resync { requests, users } => self.audience_of(&db, requests, users).await?,
             Job::MoveIn(grants) => Some(Arc::new(grants.iter().map(|g| g.user.clone()).collect())),
@@ -425,6 +415,26 @@ impl SessionState<'_> {
         self.resyncs.active = Some(active);
         Ok(())
     }
+}
+
+/// A new connection (named `application`) in a REPEATABLE READ, READ ONLY transaction, and the
+/// snapshot it reads.
+pub(super) async fn open_snapshot(
+    cfg: &crate::config::Config,
+    application: &str,
+) -> Result<(tokio_postgres::Client, PgSnapshot), PipelineError> {
+    let db = connect::connect(&cfg.postgres.conn, application).await?;
+    db.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .await?;
+    let text: String = db
+        .query_one("SELECT pg_current_snapshot()::text", &[])
+        .await?
+        .get(0);
+    let snapshot = PgSnapshot::parse(&text).ok_or_else(|| PipelineError::Copy {
+        table: "-".into(),
+        detail: format!("cannot read snapshot {text:?}"),
+    })?;
+    Ok((db, snapshot))
 }
 
 /// During a copy, only the audience receives rows.

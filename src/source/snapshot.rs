@@ -15,7 +15,9 @@
 
 use tokio_postgres::Client;
 
+use crate::config::TableName;
 use crate::lsn::Lsn;
+use crate::source::pgoutput::{Column, Relation};
 
 /// The slot creation's answer.
 #[derive(Debug, Clone)]
@@ -138,6 +140,26 @@ pub async fn columns(
         .await?;
     let oid = rows.first().map_or(0, |r| r.get(0));
     Ok((oid, rows.iter().map(|r| (r.get(1), r.get(2))).collect()))
+}
+
+/// The relation a copy of `table` binds the router to, as a Relation message would announce it
+/// (no replica identity flags: copied rows are inserts).
+pub fn relation(oid: u32, table: &TableName, columns: &[(String, u32)]) -> Relation {
+    Relation {
+        oid,
+        namespace: table.schema.clone(),
+        name: table.name.clone(),
+        replica_identity: b'd',
+        columns: columns
+            .iter()
+            .map(|(name, type_oid)| Column {
+                is_key: false,
+                name: name.clone(),
+                type_oid: *type_oid,
+                type_modifier: -1,
+            })
+            .collect(),
+    }
 }
 
 /// Estimated row count (for progress), from the planner's statistics.

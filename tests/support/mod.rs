@@ -132,6 +132,16 @@ linger_ms = 2
             .await
     }
 
+    /// Wait ([`TIMEOUT`]) until `user`'s stream materializes to `want`.
+    pub async fn wait_materialized(&self, user: &str, want: &BTreeMap<(String, String), Value>) {
+        wait_for(
+            TIMEOUT,
+            &format!("{user}'s stream to equal SQL"),
+            async || materialize(&self.events(user).await) == *want,
+        )
+        .await;
+    }
+
     /// Wait until pgds streams from its slot (the slot exists and is active): every change
     /// committed from then on reaches the streams through replication. Panics if pgds exits.
     pub async fn wait_streaming(&self, pgds: &mut Pgds) {
