@@ -38,6 +38,7 @@ struct Counts {
 pub(crate) struct Dispatcher {
     client: HttpClient,
     linger: Duration,
+    linger_under_load: Duration,
     max_in_flight: usize,
     max_buffered_bytes: usize,
     max_backoff: Duration,
@@ -65,6 +66,11 @@ pub(crate) struct Dispatcher {
     pause_logged_at: Option<Instant>,
 }
 
+/// Held bytes above which (or above one batch, if smaller) the writer has a backlog and
+/// `linger_under_load` applies: far above what light traffic keeps in flight (a few events),
+/// reached within milliseconds by a burst or a sustained high rate.
+const BACKLOG_BYTES: usize = 64 << 10;
+
 /// How long the buffer stays full before the pause is logged, and how often it is logged again.
 const PAUSE_LOG_AFTER: Duration = Duration::from_secs(5);
 const PAUSE_LOG_EVERY: Duration = Duration::from_secs(30);
@@ -78,6 +84,7 @@ impl Dispatcher {
         Self {
             client,
             linger: settings.linger,
+            linger_under_load: settings.linger.max(settings.linger_under_load),
             max_in_flight: settings.max_in_flight,
             max_buffered_bytes: settings.max_buffered_bytes,
             max_backoff: settings.max_backoff,
@@ -219,7 +226,16 @@ impl Dispatcher {
         }
         let when = match (&state.retry, state.queue_view()) {
             (Some((at, _)), _) => Due::At(*at),
-            (None, Some(view)) => batch::due(view, self.linger, self.batch_cap, !self.input_open),
+            (None, Some(view)) => {
+                // A backlog: waiting fills batches and costs no latency the backlog does not
+                // already cost. Light load: send soon.
+                let linger = if self.held_bytes > self.batch_cap.min(BACKLOG_BYTES) {
+                    self.linger_under_load
+                } else {
+                    self.linger
+                };
+                batch::due(view, linger, self.batch_cap, !self.input_open)
+            }
             (None, None) => return,
         };
         match when {
