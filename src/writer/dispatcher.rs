@@ -524,3 +524,29 @@ async fn sleep_until(at: Option<Instant>) {
         tokio::time::sleep_until(at).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_meter_is_busy_after_a_full_window_and_idle_after_a_gap() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut m = LoadMeter {
+            window_start: t0,
+            bytes: 0,
+            busy: false,
+        };
+        m.note(t0, 300_000);
+        m.note(t0 + ms(50), 200_000);
+        assert!(!m.busy, "the window is not over yet");
+        m.note(t0 + ms(100), 1);
+        assert!(m.busy, "500 kB in 100 ms");
+        m.note(t0 + ms(200), 1);
+        assert!(!m.busy, "one byte in the last window");
+        m.note(t0 + ms(250), LOAD_BYTES + 1);
+        m.note(t0 + ms(600), 1);
+        assert!(!m.busy, "a silence of more than two windows is idle");
+    }
+}
