@@ -113,6 +113,7 @@ pub struct StreamsConfig {
 pub struct BatchConfig {
     pub max_bytes: usize,
     pub linger: Duration,
+    pub linger_under_load: Duration,
     pub max_in_flight: usize,
     pub max_buffered_bytes: usize,
     pub request_timeout: Duration,
@@ -321,6 +322,7 @@ fn default_max_user_id_len() -> usize {
 struct RawBatch {
     max_bytes: usize,
     linger_ms: u64,
+    linger_under_load_ms: u64,
     max_in_flight: usize,
     max_buffered_bytes: usize,
     request_timeout_ms: u64,
@@ -331,7 +333,8 @@ impl Default for RawBatch {
     fn default() -> Self {
         RawBatch {
             max_bytes: 1 << 20,
-            linger_ms: 5,
+            linger_ms: 0,
+            linger_under_load_ms: 100,
             max_in_flight: 64,
             max_buffered_bytes: 64 << 20,
             request_timeout_ms: 30_000,
@@ -640,6 +643,7 @@ impl RawConfig {
                     batch: BatchConfig {
                         max_bytes: b.max_bytes,
                         linger: Duration::from_millis(b.linger_ms),
+                        linger_under_load: Duration::from_millis(b.linger_under_load_ms),
                         max_in_flight: b.max_in_flight,
                         max_buffered_bytes: b.max_buffered_bytes,
                         request_timeout: Duration::from_millis(b.request_timeout_ms),

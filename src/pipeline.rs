@@ -356,6 +356,7 @@ fn writer_settings(cfg: &Config) -> WriterSettings {
         token: cfg.streams.token.clone(),
         max_batch_bytes: cfg.batch.max_bytes,
         linger: cfg.batch.linger,
+        linger_under_load: cfg.batch.linger_under_load,
         max_in_flight: cfg.batch.max_in_flight,
         max_buffered_bytes: cfg.batch.max_buffered_bytes,
         request_timeout: cfg.batch.request_timeout,

@@ -19,6 +19,10 @@ pub struct WriterSettings {
     pub max_batch_bytes: usize,
     /// How long a stream's queue may wait to fill a batch (0 = send as soon as the stream is idle).
     pub linger: Duration,
+    /// The same while the writer holds a backlog (more than `max_batch_bytes` in all): under
+    /// load, fewer and larger appends raise throughput; under light load `linger` keeps the
+    /// latency low. The larger of the two applies.
+    pub linger_under_load: Duration,
     /// Concurrent requests across streams.
     pub max_in_flight: usize,
     /// Input is not read while the parts held by the writer exceed this many bytes.
@@ -32,6 +36,7 @@ pub struct WriterSettings {
 impl WriterSettings {
     pub const DEFAULT_MAX_BATCH_BYTES: usize = 1 << 20;
     pub const DEFAULT_LINGER: Duration = Duration::ZERO;
+    pub const DEFAULT_LINGER_UNDER_LOAD: Duration = Duration::ZERO;
     pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
     pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 64 << 20;
     pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,6 +49,7 @@ impl WriterSettings {
             token: None,
             max_batch_bytes: Self::DEFAULT_MAX_BATCH_BYTES,
             linger: Self::DEFAULT_LINGER,
+            linger_under_load: Self::DEFAULT_LINGER_UNDER_LOAD,
             max_in_flight: Self::DEFAULT_MAX_IN_FLIGHT,
             max_buffered_bytes: Self::DEFAULT_MAX_BUFFERED_BYTES,
             request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
