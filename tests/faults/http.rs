@@ -9,11 +9,11 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::faults;
+use crate::support::TestEnv;
 use crate::support::proxy::{Block, FaultProxy, Faults, Injected};
 use crate::support::workload::{
-    self, Oracle, Spec, Streams, Workload, audit_checkpoint, current_wal, wait_claimed,
+    self, Oracle, Spec, Streams, audit_checkpoint, current_wal, wait_claimed,
 };
-use crate::support::{Pgds, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_faults_and_lost_answers_lose_and_double_nothing() {
@@ -44,10 +44,9 @@ async fn http_faults_and_lost_answers_lose_and_double_nothing() {
         "max_bytes = 16384\nrequest_timeout_ms = 1000\nmax_backoff_ms = 1500",
         "",
     );
-    let mut pgds = Pgds::spawn(&config);
-    env.wait_streaming(&mut pgds).await;
-    let work = Workload::start(
-        env.url(),
+    let (mut pgds, work) = faults::start(
+        &env,
+        &config,
         Spec {
             seed,
             transactions: 5000,
@@ -56,7 +55,8 @@ async fn http_faults_and_lost_answers_lose_and_double_nothing() {
             big_rows: 30,
             ..Spec::default()
         },
-    );
+    )
+    .await;
     let mut streams = Streams::new(&env.streams.base_url());
     let wait = Duration::from_secs(60);
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::faults;
 use crate::support::proxy::FaultProxy;
-use crate::support::workload::{self, Rng, Spec, Workload};
+use crate::support::workload::{self, Rng, Spec};
 use crate::support::{Pgds, TestEnv};
 
 const KILLS: usize = 10;
@@ -25,10 +25,9 @@ async fn sigkill_ten_times_at_random_moments_loses_and_doubles_nothing() {
     let proxy = FaultProxy::start(env.streams.port(), seed);
     proxy.set_latency(Duration::from_millis(20));
     let config = faults::config(&env, Some(&proxy.base_url()), "max_bytes = 2048", "");
-    let mut pgds = Pgds::spawn(&config);
-    env.wait_streaming(&mut pgds).await;
-    let work = Workload::start(
-        env.url(),
+    let (mut pgds, work) = faults::start(
+        &env,
+        &config,
         Spec {
             seed,
             transactions: 1400,
@@ -37,7 +36,8 @@ async fn sigkill_ten_times_at_random_moments_loses_and_doubles_nothing() {
             big_rows: 40,
             ..Spec::default()
         },
-    );
+    )
+    .await;
 
     let mut rng = Rng::new(seed ^ 0x6b69_6c6c);
     // Evidence that restarts replayed parts the server already held (and skipped them).

@@ -15,8 +15,8 @@ mod slot;
 mod soak;
 mod streams;
 
-use crate::support::TestEnv;
-use crate::support::workload::RULE;
+use crate::support::workload::{RULE, Spec, Workload};
+use crate::support::{Pgds, TestEnv};
 
 /// The pgds config for the workload: `streams.base_url` replaced by `base_url` when given (a
 /// proxy), `batch` lines added to `[batch]`, `extra` sections appended.
@@ -32,6 +32,13 @@ pub fn config(env: &TestEnv, base_url: Option<&str>, batch: &str, extra: &str) -
         "[batch]\nlinger_ms = 2\n",
         &format!("[batch]\nlinger_ms = 2\n{batch}\n"),
     )
+}
+
+/// Start pgds with `config`, wait until it streams, then start the workload `spec`.
+pub async fn start(env: &TestEnv, config: &str, spec: Spec) -> (Pgds, Workload) {
+    let mut pgds = Pgds::spawn(config);
+    env.wait_streaming(&mut pgds).await;
+    (pgds, Workload::start(env.url(), spec))
 }
 
 /// The verifier itself: a stream equal to the ledger passes, a prefix waits, and a duplicate, a

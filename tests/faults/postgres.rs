@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use crate::faults;
-use crate::support::workload::{self, Spec, Workload};
+use crate::support::workload::{self, Spec};
 use crate::support::{Pgds, ShutdownMode, TestEnv, free_port};
 
 enum Fault {
@@ -31,10 +31,9 @@ async fn postgres_restarts_and_dropped_connections_lose_and_double_nothing() {
         "max_bytes = 4096",
         &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
     );
-    let mut pgds = Pgds::spawn(&config);
-    env.wait_streaming(&mut pgds).await;
-    let work = Workload::start(
-        env.url(),
+    let (mut pgds, work) = faults::start(
+        &env,
+        &config,
         Spec {
             seed,
             transactions: 5000,
@@ -43,7 +42,8 @@ async fn postgres_restarts_and_dropped_connections_lose_and_double_nothing() {
             big_rows: 30,
             ..Spec::default()
         },
-    );
+    )
+    .await;
     let wait = Duration::from_secs(60);
     let faults = [
         Fault::Restart(ShutdownMode::Fast, Duration::ZERO),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::faults;
 use crate::support::proxy::{Block, FaultProxy};
-use crate::support::workload::{self, Spec, Workload};
+use crate::support::workload::{self, Spec};
 use crate::support::{Pgds, TIMEOUT, TestEnv, changes, materialize, run_check, summarize};
 
 /// 1 MB WAL segments and at most 1 MB of WAL kept for a slot: a few MB of writes invalidate it.
@@ -179,10 +179,9 @@ async fn a_second_pgds_on_the_same_slot_fails_fast_and_the_first_goes_on() {
     let db = env.client().await;
     workload::install(&db).await;
     let config = faults::config(&env, None, "max_bytes = 4096", "");
-    let mut first = Pgds::spawn(&config);
-    env.wait_streaming(&mut first).await;
-    let work = Workload::start(
-        env.url(),
+    let (mut first, work) = faults::start(
+        &env,
+        &config,
         Spec {
             seed,
             transactions: 5000,
@@ -191,7 +190,8 @@ async fn a_second_pgds_on_the_same_slot_fails_fast_and_the_first_goes_on() {
             big_rows: 30,
             ..Spec::default()
         },
-    );
+    )
+    .await;
     work.wait_committed(100, TIMEOUT).await;
 
     let spawned = Instant::now();

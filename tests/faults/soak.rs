@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use crate::faults;
 use crate::support::proxy::{FaultProxy, Faults};
 use crate::support::workload::{
-    self, Oracle, Rng, Spec, Streams, Workload, audit_checkpoint, current_wal, wait_claimed_within,
+    self, Oracle, Rng, Spec, Streams, audit_checkpoint, current_wal, wait_claimed_within,
 };
 use crate::support::{Pgds, ShutdownMode, TestEnv};
 
@@ -95,10 +95,9 @@ async fn soak() {
         "max_bytes = 65536\nrequest_timeout_ms = 2000\nmax_backoff_ms = 2000",
         "",
     );
-    let mut pgds = Pgds::spawn(&config);
-    env.wait_streaming(&mut pgds).await;
-    let work = Workload::start(
-        env.url(),
+    let (mut pgds, work) = faults::start(
+        &env,
+        &config,
         Spec {
             seed,
             users: 6,
@@ -112,7 +111,8 @@ async fn soak() {
             max_rate: rate,
             ..Spec::default()
         },
-    );
+    )
+    .await;
 
     // The faults, shuffled, each due at an even share of the workload's progress.
     let mut actions: Vec<Action> = std::iter::repeat_n(Action::KillPgds, kills)

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::faults;
 use crate::support::workload::{
-    self, Oracle, Spec, Streams, Workload, audit_checkpoint, claimed, current_wal, wait_claimed,
+    self, Oracle, Spec, Streams, audit_checkpoint, claimed, current_wal, wait_claimed,
 };
 use crate::support::{Pgds, TestEnv};
 
@@ -32,10 +32,9 @@ async fn streams_server_crashes_and_outages_lose_and_double_nothing() {
         "max_bytes = 4096\nrequest_timeout_ms = 2000\nmax_backoff_ms = 1000",
         "",
     );
-    let mut pgds = Pgds::spawn(&config);
-    env.wait_streaming(&mut pgds).await;
-    let work = Workload::start(
-        env.url(),
+    let (mut pgds, work) = faults::start(
+        &env,
+        &config,
         Spec {
             seed,
             transactions: 2000,
@@ -44,7 +43,8 @@ async fn streams_server_crashes_and_outages_lose_and_double_nothing() {
             big_rows: 30,
             ..Spec::default()
         },
-    );
+    )
+    .await;
     let mut streams = Streams::new(&env.streams.base_url());
     let wait = Duration::from_secs(60);
 

@@ -12,6 +12,65 @@ use tempfile::TempDir;
 
 use super::{free_port, log_tail, percent_encode, summarize};
 
+/// One read of a JSON stream: its messages, `Stream-Next-Offset`, and whether it is up to date.
+pub struct Page {
+    pub events: Vec<Value>,
+    pub next: Option<String>,
+    pub up_to_date: bool,
+}
+
+/// GET the JSON stream at `path` from `offset`; `None` when the stream does not exist (404).
+/// Panics on any other failure, showing the answer.
+pub async fn read_page(
+    http: &reqwest::Client,
+    base_url: &str,
+    path: &str,
+    offset: &str,
+) -> Option<Page> {
+    let url = format!("{base_url}{path}?offset={}", percent_encode(offset));
+    let resp = http
+        .get(&url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    if status == 404 {
+        return None;
+    }
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let up_to_date = header("stream-up-to-date").is_some_and(|v| v == "true");
+    let next = header("stream-next-offset");
+    let body = resp
+        .bytes()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: reading the body: {e}"));
+    assert!(
+        status == 200 || status == 204,
+        "GET {url}: status {status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    let events = if body.is_empty() {
+        Vec::new()
+    } else {
+        serde_json::from_slice(&body).unwrap_or_else(|e| {
+            panic!(
+                "GET {url}: the body is not a JSON array ({e}): {}",
+                String::from_utf8_lossy(&body)
+            )
+        })
+    };
+    Some(Page {
+        events,
+        next,
+        up_to_date,
+    })
+}
+
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 const PORT_ATTEMPTS: usize = 5;
 
@@ -197,49 +256,12 @@ impl StreamsServer {
         let mut out = Vec::new();
         let mut offset = "-1".to_owned();
         loop {
-            let url = format!(
-                "{}{path}?offset={}",
-                self.base_url(),
-                percent_encode(&offset)
-            );
-            let resp = self
-                .http
-                .get(&url)
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-            let status = resp.status().as_u16();
-            if status == 404 {
+            let Some(page) = read_page(&self.http, &self.base_url(), path, &offset).await else {
                 return out;
-            }
-            let header = |name: &str| {
-                resp.headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
             };
-            let up_to_date = header("stream-up-to-date").is_some_and(|v| v == "true");
-            let next = header("stream-next-offset");
-            let body = resp
-                .bytes()
-                .await
-                .unwrap_or_else(|e| panic!("GET {url}: reading the body: {e}"));
-            assert!(
-                status == 200 || status == 204,
-                "GET {url}: status {status}: {}",
-                String::from_utf8_lossy(&body)
-            );
-            if !body.is_empty() {
-                let batch: Vec<Value> = serde_json::from_slice(&body).unwrap_or_else(|e| {
-                    panic!(
-                        "GET {url}: the body is not a JSON array ({e}): {}",
-                        String::from_utf8_lossy(&body)
-                    )
-                });
-                out.extend(batch);
-            }
-            match next {
-                Some(next) if !up_to_date && next != offset => offset = next,
+            out.extend(page.events);
+            match page.next {
+                Some(next) if !page.up_to_date && next != offset => offset = next,
                 _ => return out,
             }
         }

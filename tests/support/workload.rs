@@ -24,7 +24,8 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
-use super::{TestEnv, materialize, parse_lsn, percent_encode};
+use super::streams::read_page;
+use super::{TestEnv, materialize, parse_lsn};
 
 /// The users rows are routed to (a workload uses the first [`Spec::users`]).
 pub const USERS: [&str; 6] = ["alice", "bob", "carol", "dave", "eve", "frank"];
@@ -634,43 +635,15 @@ impl StreamReader {
     /// Append what the stream gained since the last call.
     pub async fn catch_up(&mut self, http: &reqwest::Client, base_url: &str, path: &str) {
         loop {
-            let offset = self.offset.clone().unwrap_or_else(|| "-1".to_owned());
-            let url = format!("{base_url}{path}?offset={}", percent_encode(&offset));
-            let resp = http
-                .get(&url)
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-            let status = resp.status().as_u16();
-            if status == 404 {
+            let offset = self.offset.as_deref().unwrap_or("-1");
+            let Some(page) = read_page(http, base_url, path, offset).await else {
                 return;
-            }
-            let header = |name: &str| {
-                resp.headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
             };
-            let up_to_date = header("stream-up-to-date").is_some_and(|v| v == "true");
-            let next = header("stream-next-offset");
-            let body = resp
-                .bytes()
-                .await
-                .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-            assert!(
-                status == 200 || status == 204,
-                "GET {url}: status {status}: {}",
-                String::from_utf8_lossy(&body)
-            );
-            if !body.is_empty() {
-                let batch: Vec<Value> = serde_json::from_slice(&body)
-                    .unwrap_or_else(|e| panic!("GET {url}: not a JSON array: {e}"));
-                self.events.extend(batch);
-            }
-            match next {
+            self.events.extend(page.events);
+            match page.next {
                 Some(next) if Some(&next) != self.offset.as_ref() => {
                     self.offset = Some(next);
-                    if up_to_date {
+                    if page.up_to_date {
                         return;
                     }
                 }
