@@ -54,15 +54,18 @@ impl Holders {
     }
 
     /// Set the bit; true when it was not set.
+    /// Called for every routed event: a known user costs one lookup.
     fn set(&mut self, table: usize, user: &str) -> bool {
-        if !self.by_user.contains_key(user) {
-            self.by_user.insert(user.into(), vec![0; self.words]);
-        }
-        let bits = self.by_user.get_mut(user).unwrap_or_else(|| unreachable!());
         let (word, bit) = (table / 64, 1u64 << (table % 64));
-        let new = bits[word] & bit == 0;
-        bits[word] |= bit;
-        new
+        if let Some(bits) = self.by_user.get_mut(user) {
+            let new = bits[word] & bit == 0;
+            bits[word] |= bit;
+            return new;
+        }
+        let mut bits = vec![0; self.words];
+        bits[word] = bit;
+        self.by_user.insert(user.into(), bits);
+        true
     }
 
     /// `user`'s stream received a row of table `table`.
