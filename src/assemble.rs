@@ -58,8 +58,8 @@ impl Assembler {
             None => self.streams.entry(stream.clone()).or_default(),
         };
         if pending.bytes + len > self.max_part_bytes && !pending.events.is_empty() {
+            self.buffered -= pending.bytes;
             out.push(take(stream, pending, token, lsn));
-            self.buffered = self.streams.values().map(|p| p.bytes).sum();
         }
         let pending = self
             .streams

@@ -18,7 +18,7 @@ use tracing::info;
 
 use super::{PipelineError, SessionState, resync};
 use crate::assemble::Assembler;
-use crate::config::TableName;
+use crate::config::{Route, TableName};
 use crate::lsn::Lsn;
 use crate::metrics::{METRICS, unix_micros};
 use crate::router::event::TxMeta;
@@ -104,7 +104,18 @@ impl SessionState<'_> {
             exported.name
         ))
         .await?;
-        let tables: Vec<TableName> = cfg.tables.iter().map(|t| t.table.clone()).collect();
+        let tables: Vec<(TableName, Option<&str>)> = cfg
+            .tables
+            .iter()
+            .map(|t| {
+                let order = match &t.route {
+                    Route::Column(column) => Some(column.as_str()),
+                    Route::Via(via) => Some(via.scope.as_str()),
+                    Route::All => None,
+                };
+                (t.table.clone(), order)
+            })
+            .collect();
         let users = cfg.users.as_ref().map(|u| (&u.table, u.column.as_str()));
         let memberships: Vec<_> = self.router.memberships().cloned().collect();
         let frozen = frozen::freeze(

@@ -4,7 +4,9 @@
 //! a crash could only be redone from a later snapshot, with other rows: streams would receive
 //! rows twice. Instead, inside the exported snapshot and before anything is appended, each
 //! configured table (and the users of `[users]`) is copied with `CREATE UNLOGGED TABLE … AS`
-//! into schema `pgds`, and the list is recorded in `pgds.frozen` in the same transaction. The
+//! into schema `pgds`, and the list is recorded in `pgds.frozen` in the same transaction. A
+//! table routed by a column is frozen in the order of that column, so the copy meets each
+//! user's rows together and appends them in few large requests instead of a row at a time. The
 //! copy then reads the frozen tables, in their (stable) physical order, and is a pure function
 //! of them and of the configuration recorded as a fingerprint: a restart replays it identically,
 //! with the same `Stream-Seq`s, and the streams server refuses the parts it already holds.
@@ -75,13 +77,13 @@ pub struct Frozen {
     pub copied_at_micros: i64,
 }
 
-/// Freeze `tables` and the `users` column, within `db`'s open transaction (which imported the
-/// exported snapshot and may write), and record them for `slot`. Committing that transaction
-/// makes the frozen copy durable.
+/// Freeze `tables` (each ordered by its column, if it names one) and the `users` column,
+/// within `db`'s open transaction (which imported the exported snapshot and may write), and
+/// record them for `slot`. Committing that transaction makes the frozen copy durable.
 pub async fn freeze(
     db: &Client,
     slot: &str,
-    tables: &[TableName],
+    tables: &[(TableName, Option<&str>)],
     users: Option<(&TableName, &str)>,
     memberships: &[Membership],
     fingerprint: String,
@@ -94,14 +96,17 @@ pub async fn freeze(
         fingerprint,
         copied_at_micros,
     };
-    for table in tables {
+    for (table, order) in tables {
         let (_, columns) = snapshot::columns(db, &table.schema, &table.name).await?;
         let list = columns
             .iter()
             .map(|(c, _)| quote_ident(c))
             .collect::<Vec<_>>()
             .join(", ");
-        let select = format!("SELECT {list} FROM {}", quote_table(table));
+        let mut select = format!("SELECT {list} FROM {}", quote_table(table));
+        if let Some(column) = order {
+            select.push_str(&format!(" ORDER BY {}", quote_ident(column)));
+        }
         frozen.tables.push(freeze_one(db, table, &select).await?);
     }
     if let Some((table, column)) = users {
