@@ -43,7 +43,7 @@ pub enum SlotError {
 
 /// The logical decoding message that requests the copy of a table joining the publication
 /// (`None`: the whole publication is new): its prefix and its content for a table.
-pub type Backfill<'a> = (&'a str, &'a dyn Fn(Option<&TableName>) -> String);
+pub type Backfill<'a> = (&'a str, &'a (dyn Fn(Option<&TableName>) -> String + Sync));
 
 /// Create the publication for `tables` or add the tables it lacks. With `backfill` (a logical
 /// decoding message prefix and, per added table, its content), each addition commits together
