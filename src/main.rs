@@ -278,3 +278,6 @@ fn format_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
