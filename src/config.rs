@@ -335,7 +335,7 @@ impl Default for RawBatch {
             max_bytes: 1 << 20,
             linger_ms: 0,
             linger_under_load_ms: 100,
-            max_in_flight: 64,
+            max_in_flight: 256,
             max_buffered_bytes: 64 << 20,
             request_timeout_ms: 30_000,
             max_backoff_ms: 30_000,
