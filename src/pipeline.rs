@@ -419,7 +419,9 @@ async fn session(
     let mut state = SessionState {
         router,
         relations: RelationCache::default(),
-        types: &prepared.types,
+        types: prepared.types.clone(),
+        types_announced: false,
+        client: client.clone(),
         assembler: Assembler::new(
             cfg.batch.max_bytes,
             (cfg.batch.max_buffered_bytes / 4).max(cfg.batch.max_bytes),
@@ -637,10 +639,15 @@ async fn save_checkpoints(
     }
 }
 
-struct SessionState<'a> {
+struct SessionState {
     router: Router,
     relations: RelationCache,
-    types: &'a TypeRegistry,
+    types: TypeRegistry,
+    /// A `Type` message announced a type (one created or altered since the registry was
+    /// loaded): reload the registry before the next message converts values.
+    types_announced: bool,
+    /// The catalog connection of the session.
+    client: Arc<tokio_postgres::Client>,
     assembler: Assembler,
     tracker: Tracker,
     /// Stream paths of recently seen users (bounded).
@@ -696,7 +703,7 @@ const MAX_CACHED_PATHS: usize = 100_000;
 /// Where routed events go.
 type EmitFn<'a> = &'a mut dyn FnMut(&str, &Bytes);
 
-impl SessionState<'_> {
+impl SessionState {
     /// Report a checkpoint that moved to Postgres and to the checkpoint table.
     fn publish(&mut self, repl: &ReplicationClient, ckpt: &watch::Sender<Lsn>) {
         let lsn = self.tracker.checkpoint();
@@ -761,6 +768,10 @@ impl SessionState<'_> {
                     lsn: wal_start.into(),
                     source,
                 })?;
+                if self.types_announced && !matches!(msg, Message::Type { .. }) {
+                    catalog::load_types(&self.client, &mut self.types).await?;
+                    self.types_announced = false;
+                }
                 self.handle_message(msg)?;
                 self.send_parts(parts).await?;
             }
@@ -788,18 +799,18 @@ impl SessionState<'_> {
             }
             Message::Insert { relation, new } => {
                 let rel = self.relation(relation)?;
-                let new = tuple_fields(rel, &new, self.types);
+                let new = tuple_fields(rel, &new, &self.types);
                 (relation, Change::Insert { new })
             }
             Message::Update { relation, old, new } => {
                 let rel = self.relation(relation)?;
-                let old = old.map(|o| old_row(rel, &o, self.types));
-                let new = tuple_fields(rel, &new, self.types);
+                let old = old.map(|o| old_row(rel, &o, &self.types));
+                let new = tuple_fields(rel, &new, &self.types);
                 (relation, Change::Update { old, new })
             }
             Message::Delete { relation, old } => {
                 let rel = self.relation(relation)?;
-                let old = old_row(rel, &old, self.types);
+                let old = old_row(rel, &old, &self.types);
                 (relation, Change::Delete { old })
             }
             Message::Truncate { relations, .. } => {
@@ -818,6 +829,7 @@ impl SessionState<'_> {
             }
             Message::Type { oid, name, .. } => {
                 debug!(oid, %name, "type announced");
+                self.types_announced = true;
                 return Ok(());
             }
             Message::Origin { name, .. } => {

@@ -516,3 +516,43 @@ route = { column = "owner_id" }
         "{output}"
     );
 }
+
+/// Types created after pgds started (announced by pgoutput's `Type` messages) convert by their
+/// rules, not as text: an enum array is a JSON array, a composite an object, a domain over an
+/// integer a number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_created_while_running_convert_by_their_rules() {
+    let env = TestEnv::start();
+    let db = env.client().await;
+    db.batch_execute(
+        "CREATE TABLE later (id int PRIMARY KEY, owner_id text NOT NULL);
+         ALTER TABLE later REPLICA IDENTITY FULL;",
+    )
+    .await
+    .unwrap();
+    let mut pgds = Pgds::spawn(&env.config(
+        r#"
+[[tables]]
+name = "public.later"
+route = { column = "owner_id" }
+"#,
+    ));
+    env.wait_streaming(&mut pgds).await;
+    db.batch_execute(
+        "INSERT INTO later VALUES (1, 'alice');
+         CREATE TYPE weather AS ENUM ('rain', 'sun');
+         CREATE TYPE point2 AS (x int, tag weather);
+         CREATE DOMAIN small AS int2 CHECK (VALUE < 100);
+         ALTER TABLE later ADD COLUMN skies weather[], ADD COLUMN p point2, ADD COLUMN n small;
+         INSERT INTO later VALUES (2, 'alice', '{rain,sun}', '(3,sun)', 7);",
+    )
+    .await
+    .unwrap();
+    let events = env.events_until("alice", |e| changes(e).len() >= 2).await;
+    assert_eq!(ops(&events), ["insert later 1", "insert later 2"]);
+    assert_row(
+        &changes(&events)[1]["value"],
+        &json!({"id": 2, "owner_id": "alice", "skies": ["rain", "sun"],
+                "p": {"x": 3, "tag": "sun"}, "n": 7}),
+    );
+}

@@ -89,7 +89,7 @@ impl Bracket {
     }
 }
 
-impl SessionState<'_> {
+impl SessionState {
     /// Freeze the configured tables (and users) at the slot's `exported` snapshot, recorded
     /// for the slot with `fingerprint`; committed before anything is appended.
     pub(super) async fn freeze(

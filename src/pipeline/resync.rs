@@ -149,7 +149,7 @@ pub(super) struct Resyncs {
     next_watermark: u64,
 }
 
-impl SessionState<'_> {
+impl SessionState {
     /// A logical decoding message arrived inside the current transaction.
     pub(super) fn on_message(&mut self, prefix: &str, content: &[u8]) {
         if prefix == REQUEST_PREFIX {
