@@ -42,8 +42,7 @@ impl Assembler {
 
     /// Start a transaction whose commit record is at `commit_lsn`.
     pub fn begin(&mut self, token: TxToken, commit_lsn: u64) {
-        self.streams.clear();
-        self.buffered = 0;
+        self.clear();
         self.tx = Some((token, commit_lsn));
     }
 
@@ -76,15 +75,28 @@ impl Assembler {
     /// The transaction committed: hand over everything left.
     pub fn commit(&mut self, out: &mut Vec<Part>) {
         self.flush_all(out);
-        self.streams.clear();
+        self.clear();
         self.tx = None;
     }
 
     /// Drop an unfinished transaction (the session ended before its commit).
     pub fn abandon(&mut self) {
-        self.streams.clear();
-        self.buffered = 0;
+        self.clear();
         self.tx = None;
+    }
+
+    /// Forget the streams of the last transaction. The map keeps its room for the next one,
+    /// unless an earlier transaction over many more streams than this one left it far too large.
+    fn clear(&mut self) {
+        self.buffered = 0;
+        let used = self.streams.len();
+        if used == 0 {
+            return;
+        }
+        self.streams.clear();
+        if self.streams.capacity() > 4 * used.max(256) {
+            self.streams.shrink_to(2 * used);
+        }
     }
 
     fn flush_all(&mut self, out: &mut Vec<Part>) {
@@ -104,11 +116,14 @@ fn take(stream: &Arc<str>, pending: &mut Pending, tx: TxToken, commit_lsn: u64) 
     let chunk = pending.next_chunk;
     pending.next_chunk += 1;
     pending.bytes = 0;
+    let mut events = std::mem::take(&mut pending.events);
+    // The part may wait in the writer's buffer: no spare room (a first push reserves four).
+    events.shrink_to_fit();
     Part {
         stream: stream.clone(),
         tx,
         seq: StreamSeq { commit_lsn, chunk },
-        events: std::mem::take(&mut pending.events),
+        events,
     }
 }
 

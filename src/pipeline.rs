@@ -651,7 +651,7 @@ struct SessionState {
     assembler: Assembler,
     tracker: Tracker,
     /// Stream paths of recently seen users (bounded).
-    paths: HashMap<String, Option<Arc<str>>>,
+    paths: HashMap<Box<str>, Option<Arc<str>>>,
     open: Option<OpenTx>,
     parts: Vec<Part>,
     published: Lsn,
@@ -886,15 +886,21 @@ impl SessionState {
             if paths.len() >= MAX_CACHED_PATHS {
                 paths.clear();
             }
-            let path = paths.entry(user.to_owned()).or_insert_with(|| {
-                match cfg.streams.path.path_for(user) {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        warn!(error = %e, "event for an invalid user id dropped");
-                        None
-                    }
+            // A known user costs one lookup and no allocation.
+            let path = match paths.get(user) {
+                Some(path) => path.clone(),
+                None => {
+                    let path = match cfg.streams.path.path_for(user) {
+                        Ok(p) => Some(p),
+                        Err(e) => {
+                            warn!(error = %e, "event for an invalid user id dropped");
+                            None
+                        }
+                    };
+                    paths.insert(user.into(), path.clone());
+                    path
                 }
-            });
+            };
             let excluded = match (&*audience, &*skip) {
                 (Some(resync::Copying(Some(only))), _) => !only.contains(user),
                 (_, Some(None)) => true,
@@ -913,9 +919,9 @@ impl SessionState {
                 holders.note(table, user);
             }
             if let Some(b) = bracket.as_mut() {
-                b.open(path, assembler, parts);
+                b.open(&path, assembler, parts);
             }
-            assembler.push(path, event.clone(), parts);
+            assembler.push(&path, event.clone(), parts);
         };
         let mut emit: &mut dyn FnMut(&str, &Bytes) = &mut emit;
         f(router, &mut emit)?;

@@ -16,9 +16,39 @@ pub(super) type NewPair = (usize, Box<str>);
 
 pub(super) struct Holders {
     /// Per user, a bit per configured table.
-    by_user: HashMap<Box<str>, Vec<u64>>,
+    by_user: HashMap<Box<str>, Bits>,
     words: usize,
     new: mpsc::UnboundedSender<NewPair>,
+}
+
+/// A bit per configured table: inline up to 64 tables (no allocation per user), boxed beyond.
+#[derive(Debug)]
+enum Bits {
+    One(u64),
+    Many(Box<[u64]>),
+}
+
+impl Bits {
+    fn new(words: usize) -> Self {
+        match words {
+            0 | 1 => Bits::One(0),
+            n => Bits::Many(vec![0; n].into_boxed_slice()),
+        }
+    }
+
+    fn words(&self) -> &[u64] {
+        match self {
+            Bits::One(w) => std::slice::from_ref(w),
+            Bits::Many(ws) => ws,
+        }
+    }
+
+    fn words_mut(&mut self) -> &mut [u64] {
+        match self {
+            Bits::One(w) => std::slice::from_mut(w),
+            Bits::Many(ws) => ws,
+        }
+    }
 }
 
 impl Holders {
@@ -58,12 +88,13 @@ impl Holders {
     fn set(&mut self, table: usize, user: &str) -> bool {
         let (word, bit) = (table / 64, 1u64 << (table % 64));
         if let Some(bits) = self.by_user.get_mut(user) {
-            let new = bits[word] & bit == 0;
-            bits[word] |= bit;
+            let w = &mut bits.words_mut()[word];
+            let new = *w & bit == 0;
+            *w |= bit;
             return new;
         }
-        let mut bits = vec![0; self.words];
-        bits[word] = bit;
+        let mut bits = Bits::new(self.words);
+        bits.words_mut()[word] = bit;
         self.by_user.insert(user.into(), bits);
         true
     }
@@ -80,7 +111,7 @@ impl Holders {
         let (word, bit) = (table / 64, 1u64 << (table % 64));
         self.by_user
             .iter()
-            .filter(move |(_, bits)| bits[word] & bit != 0)
+            .filter(move |(_, bits)| bits.words()[word] & bit != 0)
             .map(|(user, _)| &**user)
     }
 }
@@ -143,5 +174,21 @@ mod tests {
         assert_eq!(of70, ["alice", "bob"]);
         assert_eq!(h.of(0).collect::<Vec<_>>(), ["alice"]);
         assert_eq!(h.of(1).count(), 0);
+    }
+
+    #[test]
+    fn up_to_64_tables_fit_in_one_inline_word() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut h = Holders {
+            by_user: HashMap::new(),
+            words: 1,
+            new: tx,
+        };
+        h.note(63, "alice");
+        h.note(63, "alice");
+        h.note(0, "alice");
+        assert!(matches!(h.by_user["alice"], Bits::One(w) if w == 1 | 1 << 63));
+        assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 2);
+        assert_eq!(h.of(63).collect::<Vec<_>>(), ["alice"]);
     }
 }

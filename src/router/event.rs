@@ -115,8 +115,25 @@ pub fn change_event(
             unchanged,
         },
     };
-    // Serializing borrowed strings and `Value`s into a Vec cannot fail.
-    Bytes::from(serde_json::to_vec(&event).unwrap_or_default())
+    SCRATCH.with_borrow_mut(|buf| {
+        buf.clear();
+        // Serializing borrowed strings and `Value`s into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *buf, &event);
+        // An exact-size copy: the event may wait in the writer's buffer (one per stream with
+        // many streams), where `serde_json::to_vec`'s doubling would keep up to twice its size.
+        let bytes = Bytes::copy_from_slice(buf);
+        if buf.capacity() > MAX_SCRATCH {
+            *buf = Vec::new();
+        }
+        bytes
+    })
+}
+
+/// The scratch buffer events are serialized into is kept up to this size.
+const MAX_SCRATCH: usize = 64 << 10;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[cfg(test)]

@@ -45,15 +45,17 @@ pub(crate) struct Dispatcher {
     /// `max_batch_bytes`, lowered for the rest of the run when the server refuses a batch as
     /// too large (its body limit is a property of the server, not of one stream).
     batch_cap: usize,
-    streams: HashMap<Arc<str>, StreamState>,
+    /// Active streams. Boxed: a slot of the map is then 24 bytes, and room kept for many
+    /// streams (see `KEEP_ROOM`), or the old table while it grows, costs little.
+    streams: HashMap<Arc<str>, Box<StreamState>>,
     memory: Memory,
     /// Streams whose next batch should start as soon as a request slot is free.
     ready: VecDeque<Arc<str>>,
     /// Linger and retry deadlines; an entry is live only while it equals its stream's `timer`.
     timers: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
     in_flight: JoinSet<Completion>,
-    /// Body bytes of every part the writer holds (queued, in flight or waiting to retry).
-    held_bytes: usize,
+    /// The parts the writer holds (queued, in flight or waiting to retry).
+    held: Held,
     input_open: bool,
     acks: UnboundedSender<TxToken>,
     counts: Counts,
@@ -100,9 +102,37 @@ impl LoadMeter {
     }
 }
 
+/// What a held part costs besides its body, counted against `max_buffered_bytes` so that the
+/// bound holds for memory, not only for event bytes: its queue slot, its events vector and the
+/// allocator's headers, and the state of its stream when it is the stream's only part (many
+/// streams with one small part each are the worst case: about 400 bytes measured with 100k
+/// streams of one ~390-byte event each).
+const PART_OVERHEAD: usize = 512;
+
+/// Parts held by the writer.
+#[derive(Debug, Default)]
+struct Held {
+    /// Their body bytes.
+    bytes: usize,
+    parts: usize,
+}
+
+impl Held {
+    /// What they cost: their bodies and `PART_OVERHEAD` each.
+    fn memory(&self) -> usize {
+        self.bytes + self.parts * PART_OVERHEAD
+    }
+}
+
 /// How long the buffer stays full before the pause is logged, and how often it is logged again.
 const PAUSE_LOG_AFTER: Duration = Duration::from_secs(5);
 const PAUSE_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// Collections sized by the number of active streams keep at most four times the room they
+/// need once most of those streams went idle, so a burst over many streams leaves no lasting
+/// footprint. Shrinking to twice the length costs a rehash that at least as many removals paid
+/// for.
+const KEEP_ROOM: usize = 1024;
 
 impl Dispatcher {
     pub fn new(
@@ -123,7 +153,7 @@ impl Dispatcher {
             ready: VecDeque::new(),
             timers: BinaryHeap::new(),
             in_flight: JoinSet::new(),
-            held_bytes: 0,
+            held: Held::default(),
             input_open: true,
             acks,
             counts: Counts::default(),
@@ -142,7 +172,7 @@ impl Dispatcher {
     pub async fn run(mut self, mut input: Receiver<Part>) -> Result<(), WriterError> {
         loop {
             self.launch()?;
-            observe::gauges(self.streams.len(), self.held_bytes);
+            observe::gauges(self.streams.len(), self.held.bytes);
             if self.streams.is_empty() && self.lag_listed {
                 observe::worst_streams(&self.streams, Instant::now());
                 self.lag_listed = false;
@@ -161,7 +191,7 @@ impl Dispatcher {
             let lag_refresh = (!self.streams.is_empty()).then_some(self.next_lag_refresh);
             let timer = self.timers.peek().map(|Reverse((at, _))| *at);
             let timer = timer.into_iter().chain(lag_refresh).min();
-            let can_read = self.input_open && self.held_bytes <= self.max_buffered_bytes;
+            let can_read = self.input_open && self.held.memory() <= self.max_buffered_bytes;
             self.note_backpressure(Instant::now());
             tokio::select! {
                 biased;
@@ -182,21 +212,21 @@ impl Dispatcher {
     /// over `max_buffered_bytes`, until it drains to half of it), say that replication is paused,
     /// again every `PAUSE_LOG_EVERY` while it lasts, and say when it resumes.
     fn note_backpressure(&mut self, now: Instant) {
-        if self.held_bytes > self.max_buffered_bytes {
+        if self.held.memory() > self.max_buffered_bytes {
             let since = *self.full_since.get_or_insert(now);
             let due = self
                 .pause_logged_at
                 .map_or(since + PAUSE_LOG_AFTER, |at| at + PAUSE_LOG_EVERY);
             if now >= due {
                 warn!(
-                    buffered_bytes = self.held_bytes,
+                    buffered_bytes = self.held.memory(),
                     paused_for_s = (now - since).as_secs(),
                     streams = self.streams.len(),
                     "the streams server is slower than the database: replication is paused while the writer's buffer is full"
                 );
                 self.pause_logged_at = Some(now);
             }
-        } else if self.held_bytes <= self.max_buffered_bytes / 2 {
+        } else if self.held.memory() <= self.max_buffered_bytes / 2 {
             if let (Some(since), Some(_)) = (self.full_since, self.pause_logged_at) {
                 info!(
                     paused_for_s = (now - since).as_secs(),
@@ -218,16 +248,15 @@ impl Dispatcher {
         let state = match self.streams.entry(path.clone()) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
-                let url =
-                    self.client
-                        .url_for(&path)
-                        .ok_or_else(|| WriterError::InvalidStreamPath {
-                            stream: path.clone(),
-                        })?;
-                entry.insert(StreamState::new(url, self.memory.take(&path)))
+                // Checked once here; each send builds the URL again from the path.
+                if self.client.url_for(&path).is_none() {
+                    return Err(WriterError::InvalidStreamPath { stream: path });
+                }
+                entry.insert(Box::new(StreamState::new(self.memory.take(&path))))
             }
         };
-        self.held_bytes += part.body_len();
+        self.held.bytes += part.body_len();
+        self.held.parts += 1;
         state.push(Queued {
             part,
             since: Instant::now(),
@@ -260,11 +289,11 @@ impl Dispatcher {
             return;
         }
         let when = match (&state.retry, state.queue_view()) {
-            (Some((at, _)), _) => Due::At(*at),
+            (Some(retry), _) => Due::At(retry.0),
             (None, Some(view)) => {
                 // A backlog: waiting fills batches and costs no latency the backlog does not
                 // already cost. Light load: send soon.
-                let backlog = self.held_bytes > self.batch_cap.min(BACKLOG_BYTES);
+                let backlog = self.held.bytes > self.batch_cap.min(BACKLOG_BYTES);
                 let linger = if backlog || self.load.busy {
                     self.linger_under_load
                 } else {
@@ -325,19 +354,17 @@ impl Dispatcher {
             }
             state.in_ready = false;
             let batch = match state.retry.take() {
-                Some((_, batch)) => batch,
+                Some(retry) => retry.1,
                 None => next_batch(state, self.batch_cap)?,
             };
+            let url = self
+                .client
+                .url_for(&path)
+                .ok_or(WriterError::Internal("a stream path that was valid is not"))?;
             state.in_flight = true;
             state.in_flight_since = batch.parts.first().map(|q| q.since);
             self.counts.sends += 1;
-            let send = request::send(
-                self.client.clone(),
-                path,
-                state.url.clone(),
-                batch,
-                state.created,
-            );
+            let send = request::send(self.client.clone(), path, url, batch, state.created);
             self.in_flight.spawn(send);
         }
         Ok(())
@@ -373,7 +400,7 @@ impl Dispatcher {
                 }
                 self.counts.appended_parts += parts as u64;
                 observe::appended(&batch);
-                ack(&self.acks, &mut self.held_bytes, batch.parts)?;
+                ack(&self.acks, &mut self.held, batch.parts)?;
             }
             Outcome::AlreadyWritten { next_offset } => {
                 if batch.synced {
@@ -388,7 +415,7 @@ impl Dispatcher {
                 };
                 self.counts.duplicate_parts += parts as u64;
                 observe::duplicate();
-                ack(&self.acks, &mut self.held_bytes, batch.parts)?;
+                ack(&self.acks, &mut self.held, batch.parts)?;
             }
             Outcome::TailMoved { next_offset } => {
                 warn!(stream = %path, seq = %batch.seq, parts, "an earlier attempt of this batch was applied, acknowledging it");
@@ -398,7 +425,7 @@ impl Dispatcher {
                 };
                 self.counts.appended_parts += parts as u64;
                 observe::appended(&batch);
-                ack(&self.acks, &mut self.held_bytes, batch.parts)?;
+                ack(&self.acks, &mut self.held, batch.parts)?;
             }
             Outcome::TooLarge if parts > 1 => {
                 // Nothing was stored. The server's limit applies to every stream: lower the cap to
@@ -437,7 +464,7 @@ impl Dispatcher {
                 );
                 self.counts.retries += 1;
                 observe::retried();
-                state.retry = Some((Instant::now() + delay, batch));
+                state.retry = Some(Box::new((Instant::now() + delay, batch)));
             }
             Outcome::StreamMissing => {
                 return Err(WriterError::Internal("a 404 left to the dispatcher"));
@@ -455,11 +482,41 @@ impl Dispatcher {
             if created {
                 self.memory.remember(path, Memo { knowledge });
             }
+            self.release_room();
         } else {
             self.schedule(&path, Instant::now());
         }
         Ok(())
     }
+
+    /// See `KEEP_ROOM`.
+    fn release_room(&mut self) {
+        let sparse = |len: usize, capacity: usize| capacity > KEEP_ROOM && len < capacity / 4;
+        if sparse(self.streams.len(), self.streams.capacity()) {
+            self.streams.shrink_to(self.streams.len() * 2);
+        }
+        if sparse(self.ready.len(), self.ready.capacity()) {
+            self.ready.shrink_to(self.ready.len() * 2);
+        }
+        if sparse(self.timers.len(), self.timers.capacity()) {
+            self.timers.shrink_to(self.timers.len() * 2);
+        }
+    }
+}
+
+/// One ack per part, in order. The channel is unbounded: this never waits.
+fn ack(
+    acks: &UnboundedSender<TxToken>,
+    held: &mut Held,
+    parts: Vec<Queued>,
+) -> Result<(), WriterError> {
+    for queued in parts {
+        held.bytes -= queued.part.body_len();
+        held.parts -= 1;
+        acks.send(queued.part.tx)
+            .map_err(|_| WriterError::AcksClosed)?;
+    }
+    Ok(())
 }
 
 /// Takes the next batch from a stream's queue (never empty when called: the stream was ready).
@@ -479,20 +536,6 @@ fn next_batch(state: &mut StreamState, batch_cap: usize) -> Result<Batch, Writer
         prior_tail: state.knowledge.tail.clone(),
         verify_tail: false,
     })
-}
-
-/// One ack per part, in order. The channel is unbounded: this never waits.
-fn ack(
-    acks: &UnboundedSender<TxToken>,
-    held_bytes: &mut usize,
-    parts: Vec<Queued>,
-) -> Result<(), WriterError> {
-    for queued in parts {
-        *held_bytes -= queued.part.body_len();
-        acks.send(queued.part.tx)
-            .map_err(|_| WriterError::AcksClosed)?;
-    }
-    Ok(())
 }
 
 fn refusal_error(stream: Arc<str>, op: Op, status: u16, refusal: Refusal) -> WriterError {

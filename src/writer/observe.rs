@@ -54,7 +54,7 @@ pub(crate) fn gauges(active_streams: usize, held_bytes: usize) {
 }
 
 /// Publishes the streams whose oldest held part has waited longest (O(streams), once a second).
-pub(crate) fn worst_streams(streams: &HashMap<Arc<str>, StreamState>, now: Instant) {
+pub(crate) fn worst_streams(streams: &HashMap<Arc<str>, Box<StreamState>>, now: Instant) {
     let ages = streams
         .iter()
         .filter_map(|(path, s)| Some((path, now.saturating_duration_since(s.oldest()?))));

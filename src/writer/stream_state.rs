@@ -11,7 +11,6 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use tokio::time::Instant;
-use url::Url;
 
 use super::batch::{self, Batch, QueueView, Queued};
 use super::part::StreamSeq;
@@ -62,9 +61,11 @@ impl Memory {
 }
 
 /// An active stream: it holds at least one part, or a request for it is in flight.
+///
+/// Kept small (one lives inline in the dispatcher's map per active stream): no URL (it is built
+/// from the path for each send), and a batch waiting to retry is boxed (rare).
 #[derive(Debug)]
 pub(crate) struct StreamState {
-    pub url: Url,
     /// The stream is known to exist on the server (no PUT needed before a POST).
     pub created: bool,
     pub knowledge: Knowledge,
@@ -73,7 +74,7 @@ pub(crate) struct StreamState {
     pub queue_bytes: usize,
     pub in_flight: bool,
     /// A failed batch waiting for its retry time; it goes before the queue.
-    pub retry: Option<(Instant, Batch)>,
+    pub retry: Option<Box<(Instant, Batch)>>,
     /// An entry for this stream is in the dispatcher's ready list.
     pub in_ready: bool,
     /// The deadline of this stream's live timer entry, if any.
@@ -83,12 +84,13 @@ pub(crate) struct StreamState {
 }
 
 impl StreamState {
-    pub fn new(url: Url, memo: Option<Memo>) -> Self {
+    pub fn new(memo: Option<Memo>) -> Self {
         Self {
-            url,
             created: memo.is_some(),
             knowledge: memo.map(|m| m.knowledge).unwrap_or_default(),
-            queue: VecDeque::new(),
+            // Most streams hold one part at a time: room for exactly one (a first push into an
+            // empty `VecDeque` would reserve four).
+            queue: VecDeque::with_capacity(1),
             queue_bytes: 0,
             in_flight: false,
             retry: None,
@@ -128,7 +130,7 @@ impl StreamState {
 
     /// When the oldest part this stream holds arrived (in flight, waiting to retry, or queued).
     pub fn oldest(&self) -> Option<Instant> {
-        let retry = self.retry.as_ref().and_then(|(_, b)| b.parts.first());
+        let retry = self.retry.as_ref().and_then(|r| r.1.parts.first());
         let front = self.queue.front();
         self.in_flight_since
             .or(retry.map(|q| q.since))
@@ -178,8 +180,7 @@ mod tests {
 
     #[test]
     fn queue_accounting_round_trips() {
-        let url = Url::parse("http://h/s").unwrap();
-        let mut s = StreamState::new(url, None);
+        let mut s = StreamState::new(None);
         assert!(!s.created);
         assert_eq!(s.knowledge, Knowledge::default());
         for n in 1..=4 {
