@@ -17,7 +17,12 @@ const MAX_BYTES: u64 = 64 * 1024;
 const MAX_BUFFERED: u64 = MIB;
 /// Rows of ~1 KiB (each row change is one replication message of about that size).
 const ROW_BYTES: usize = 1000;
-const ROWS: u64 = 60_000;
+/// Enough that the kernel's socket buffers between the walsender and pgds do not blur the pause:
+/// Linux grows a receive buffer up to `net.ipv4.tcp_rmem`'s maximum (32 MiB on some machines),
+/// which, with the walsender's send buffer, holds about 75 MiB of this WAL outside both pgds and
+/// the walsender's unsent count. With 60k rows (138 MiB of WAL) that came out near the half of
+/// the written WAL demanded below.
+const ROWS: u64 = 150_000;
 /// Each append waits this long in the proxy: with one append in flight per stream and two
 /// streams, the sink takes at most 2 × 64 KiB per 200 ms, about 100× less than Postgres writes
 /// here (~60 MB/s).
