@@ -355,7 +355,9 @@ mod tests {
     #[test]
     fn the_readme_lists_every_metric() {
         let readme = include_str!("../README.md");
-        let table = &readme[readme.find("| metric | meaning |").expect("the metrics table")..];
+        let table = &readme[readme
+            .find("| metric | meaning |")
+            .expect("the metrics table")..];
         let table: String = table
             .lines()
             .take_while(|l| l.starts_with('|'))
