@@ -10,4 +10,4 @@ USER streams
 VOLUME /data
 EXPOSE 4437
 ENTRYPOINT ["durable-streams-server"]
-CMD ["--host", "0.0.0.0", "--port", "4437", "--data-dir", "/data", "--durability", "wal"]
+CMD ["--host", "0.0.0.0", "--port", "4437", "--data-dir", "/data", "--durability", "wal", "--long-poll-timeout-ms", "30000"]

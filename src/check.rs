@@ -103,7 +103,32 @@ pub async fn check_database(
     let (role, can_replicate) = catalog::can_replicate(client).await?;
     if !can_replicate {
         report.problems.push(format!(
-            "role {role:?} may not stream replication: ALTER ROLE {role} REPLICATION (or use a role that has it)"
+            "role {role:?} may not stream replication: ALTER ROLE {role} REPLICATION (on Amazon RDS or Aurora: GRANT rds_replication TO {role}), or use a role that has it"
+        ));
+    }
+    let schema = catalog::schema_access(client).await?;
+    if !schema.is_ok() {
+        report.problems.push(if schema.exists {
+            format!(
+                "role {role:?} may not create pgds's tables in schema pgds: GRANT USAGE, CREATE ON SCHEMA pgds TO {role}"
+            )
+        } else {
+            format!(
+                "role {role:?} may not create schema pgds (for pgds's checkpoint tables) in database {:?}: GRANT CREATE ON DATABASE {} TO {role}, or create the schema beforehand (CREATE SCHEMA pgds; GRANT USAGE, CREATE ON SCHEMA pgds TO {role})",
+                schema.database,
+                catalog::quote_ident(&schema.database),
+            )
+        });
+    }
+    if !schema.create_on_database
+        && !catalog::publication_exists(client, &cfg.postgres.publication).await?
+    {
+        report.problems.push(format!(
+            "publication {:?} does not exist and role {role:?} may not create it (CREATE PUBLICATION needs CREATE on database {:?}): GRANT CREATE ON DATABASE {} TO {role}, or have the tables' owner create it beforehand (CREATE PUBLICATION {} FOR TABLE …)",
+            cfg.postgres.publication,
+            schema.database,
+            catalog::quote_ident(&schema.database),
+            catalog::quote_ident(&cfg.postgres.publication),
         ));
     }
 

@@ -932,6 +932,18 @@ route = { column = "owner_id" }
     }
 
     #[test]
+    fn the_docker_config_is_valid_and_serves_the_compose_health_check() {
+        let c = Config::from_toml(include_str!("../examples/docker.toml")).unwrap();
+        assert_eq!(c.tables.len(), 3);
+        let listen = c.metrics.listen.expect("metrics.listen is set");
+        let compose = include_str!("../docker-compose.yml");
+        assert!(
+            compose.contains(&format!("http://127.0.0.1:{}/readyz", listen.port())),
+            "docker-compose.yml probes the port of examples/docker.toml's metrics.listen"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_refused_with_their_name() {
         assert_problem(&format!("{BASE}\n[batch]\nmax_byte = 3\n"), "max_byte");
         assert_problem(

@@ -353,6 +353,32 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_lists_every_metric() {
+        let readme = include_str!("../README.md");
+        let table = &readme[readme
+            .find("| metric | meaning |")
+            .expect("the metrics table")..];
+        let table: String = table
+            .lines()
+            .take_while(|l| l.starts_with('|'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let text = Metrics::new().render();
+        let names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        assert!(names.len() > 20, "{names:?}");
+        for name in names {
+            assert!(
+                table.contains(&format!("`{name}`")) || table.contains(&format!("`{name}{{")),
+                "README.md's metrics table does not list {name}"
+            );
+        }
+    }
+
+    #[test]
     fn lag_seconds_is_zero_when_nothing_is_pending() {
         let m = Metrics::new();
         assert_eq!(m.lag_seconds(), 0.0);

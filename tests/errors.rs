@@ -4,7 +4,7 @@
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use crate::support::{Pgds, TestEnv, free_port, run_check, run_check_with_env};
+use crate::support::{Pgds, TestEnv, free_port, ops, run_check, run_check_with_env};
 
 /// A valid configuration that points at nothing: enough for errors caught before connecting.
 const OFFLINE: &str = r#"
@@ -273,4 +273,180 @@ async fn the_password_never_appears_in_any_output() {
     env.events_until("alice", |e| !e.is_empty()).await;
     pgds.terminate().await;
     assert_clean("run", &pgds.log());
+}
+
+/// `config` connecting as `role` instead of `postgres` (the test cluster trusts every login).
+fn as_role(config: &str, role: &str) -> String {
+    let as_role = config.replace("postgres://postgres@", &format!("postgres://{role}@"));
+    assert_ne!(as_role, config, "the config names the postgres role");
+    as_role
+}
+
+/// What `pgds check` says of a role that may not stream replication.
+const NO_REPLICATION: &str = "may not stream replication";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rds_replication_membership_is_the_replication_privilege() {
+    let env = TestEnv::start();
+    let db = env.client().await;
+    db.batch_execute(&format!(
+        "{TODOS}
+         CREATE ROLE plain_login LOGIN;
+         GRANT SELECT ON todos TO plain_login;
+         GRANT CREATE ON DATABASE app TO plain_login;"
+    ))
+    .await
+    .unwrap();
+    let config = env.config(TODOS_RULE);
+
+    // Without the attribute, and no role rds_replication in this cluster: refused, with the fix
+    // for both kinds of servers (and no error from looking up a role that does not exist).
+    let (status, output) = run_check(&as_role(&config, "plain_login"));
+    assert_refused(
+        status,
+        &output,
+        NO_REPLICATION,
+        "a login role without REPLICATION",
+    );
+    assert!(
+        output.contains("GRANT rds_replication TO plain_login") && !output.contains("failed"),
+        "{output}"
+    );
+
+    // Amazon RDS: no REPLICATION attribute, membership of rds_replication instead (directly or
+    // through another role).
+    db.batch_execute(
+        "CREATE ROLE rds_replication NOLOGIN;
+         CREATE ROLE rds_member LOGIN IN ROLE rds_replication;
+         CREATE ROLE app_roles NOLOGIN IN ROLE rds_replication;
+         CREATE ROLE nested_member LOGIN IN ROLE app_roles;
+         GRANT SELECT ON todos TO rds_member, nested_member;
+         GRANT CREATE ON DATABASE app TO rds_member, nested_member;",
+    )
+    .await
+    .unwrap();
+    let attributes = db
+        .query(
+            "SELECT rolname::text FROM pg_roles WHERE rolname IN ('rds_member', 'nested_member') \
+             AND NOT rolsuper AND NOT rolreplication",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        attributes.len(),
+        2,
+        "the members have no REPLICATION attribute"
+    );
+    for role in ["rds_member", "nested_member"] {
+        let (status, output) = run_check(&as_role(&config, role));
+        assert!(
+            !output.contains(NO_REPLICATION),
+            "{role}: membership of rds_replication should count:\n{output}"
+        );
+        assert!(status.success(), "{role}: pgds check ({status}):\n{output}");
+    }
+    let (status, output) = run_check(&as_role(&config, "plain_login"));
+    assert_refused(
+        status,
+        &output,
+        NO_REPLICATION,
+        "a role outside rds_replication",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_on_the_database_or_a_usable_pgds_schema_is_required() {
+    let env = TestEnv::start();
+    let db = env.client().await;
+    db.batch_execute(&format!(
+        "{TODOS}
+         CREATE ROLE app_pgds LOGIN REPLICATION;
+         ALTER TABLE todos OWNER TO app_pgds;"
+    ))
+    .await
+    .unwrap();
+    let config = as_role(&env.config(TODOS_RULE), "app_pgds");
+
+    // A role without CREATE on the database can neither create schema pgds nor the publication.
+    let (status, output) = run_check(&config);
+    assert_refused(
+        status,
+        &output,
+        "may not create schema pgds",
+        "no CREATE on the database",
+    );
+    assert!(
+        output.contains("GRANT CREATE ON DATABASE \"app\" TO app_pgds")
+            && output.contains(&format!("publication {:?} does not exist", env.publication)),
+        "{output}"
+    );
+
+    db.batch_execute("GRANT CREATE ON DATABASE app TO app_pgds")
+        .await
+        .unwrap();
+    let (status, output) = run_check(&config);
+    assert!(
+        status.success(),
+        "with CREATE on the database ({status}):\n{output}"
+    );
+
+    // An administrator prepared schema pgds and the publication instead: the schema must be
+    // usable by the role.
+    db.batch_execute(&format!(
+        "REVOKE CREATE ON DATABASE app FROM app_pgds;
+         CREATE SCHEMA pgds;
+         CREATE PUBLICATION {} FOR TABLE todos;",
+        env.publication
+    ))
+    .await
+    .unwrap();
+    let (status, output) = run_check(&config);
+    assert_refused(
+        status,
+        &output,
+        "GRANT USAGE, CREATE ON SCHEMA pgds TO app_pgds",
+        "a schema pgds the role may not use",
+    );
+    assert!(!output.contains("may not create schema pgds"), "{output}");
+    assert!(!output.contains("does not exist and role"), "{output}");
+
+    db.batch_execute("GRANT USAGE, CREATE ON SCHEMA pgds TO app_pgds")
+        .await
+        .unwrap();
+    let (status, output) = run_check(&config);
+    assert!(
+        status.success(),
+        "with a usable schema pgds ({status}):\n{output}"
+    );
+
+    // What the check promises holds: pgds runs as that role, its migrations and initial copy
+    // in the prepared schema, without CREATE on the database.
+    db.execute("INSERT INTO todos VALUES (1, 'alice', 'before')", &[])
+        .await
+        .unwrap();
+    let mut pgds = Pgds::spawn(&config);
+    env.wait_streaming(&mut pgds).await;
+    db.execute("INSERT INTO todos VALUES (2, 'alice', 'after')", &[])
+        .await
+        .unwrap();
+    let events = env
+        .events_until("alice", |e| ops(e).contains(&"insert todos 2".to_owned()))
+        .await;
+    assert!(
+        ops(&events).contains(&"insert todos 1".to_owned()),
+        "the initial copy: {events:?}"
+    );
+    assert!(pgds.terminate().await.success(), "{}", pgds.log_tail(40));
+    let stored = db
+        .query_opt(
+            "SELECT lsn::text FROM pgds.checkpoints WHERE slot = $1",
+            &[&env.slot],
+        )
+        .await
+        .unwrap();
+    assert!(
+        stored.is_some(),
+        "the checkpoint is stored in the prepared schema"
+    );
 }

@@ -337,6 +337,48 @@ async fn sse_catches_up_follows_and_waits_for_a_stream_to_appear() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_now_prints_only_what_comes_after_the_start() {
+    let (env, db, _pgds) = start().await;
+    insert(&db, 1, "alice").await;
+    insert(&db, 2, "alice").await;
+    env.events_until("alice", |e| has(e, "insert todos 2"))
+        .await;
+
+    let config = env.config(TODOS_RULE);
+    let mut tails = [
+        Tail::spawn(&config, &["--user", "alice", "--offset", "now"]),
+        Tail::spawn(
+            &config,
+            &["--user", "alice", "--offset", "now", "--live", "sse"],
+        ),
+    ];
+    // Once a tail has read the stream's tail position, "now" is behind it: every later append
+    // is new to it.
+    for tail in &tails {
+        tail.wait_log("caught up with the stream").await;
+    }
+    insert(&db, 3, "alice").await;
+    for tail in &mut tails {
+        tail.wait_until("the live insert", |e| has(e, "insert todos 3"))
+            .await;
+    }
+    insert(&db, 4, "alice").await;
+    let stream = env
+        .events_until("alice", |e| has(e, "insert todos 4"))
+        .await;
+    for tail in &mut tails {
+        tail.wait_until("the second live insert", |e| has(e, "insert todos 4"))
+            .await;
+        assert_eq!(
+            ops(&tail.events),
+            ["insert todos 3", "insert todos 4"],
+            "only the events after the start"
+        );
+        assert_eq!(tail.events, stream[stream.len() - 2..]);
+    }
+}
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))

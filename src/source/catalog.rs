@@ -151,15 +151,77 @@ pub async fn setting(client: &Client, name: &str) -> Result<String, tokio_postgr
     Ok(row.get(0))
 }
 
-/// Whether the connected role may stream replication.
+/// The connected role's name, and whether it may stream replication: a superuser, a role with
+/// the REPLICATION attribute, or a member of `rds_replication` where that role exists (Amazon
+/// RDS and Aurora give users no REPLICATION attribute; membership of that role stands for it).
+/// The role is looked up in `pg_roles` first: `pg_has_role` errors on a name that does not exist.
 pub async fn can_replicate(client: &Client) -> Result<(String, bool), tokio_postgres::Error> {
     let row = client
         .query_one(
-            "SELECT rolname::text, rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user",
+            "SELECT r.rolname::text, r.rolsuper OR r.rolreplication OR COALESCE( \
+                 (SELECT pg_has_role(r.oid, g.oid, 'MEMBER') FROM pg_roles g \
+                  WHERE g.rolname = 'rds_replication'), false) \
+             FROM pg_roles r WHERE r.rolname = current_user",
             &[],
         )
         .await?;
     Ok((row.get(0), row.get(1)))
+}
+
+/// Whether the connected role can hold pgds's own tables (`migrations/`) in schema `pgds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaAccess {
+    pub database: String,
+    /// Schema `pgds` exists.
+    pub exists: bool,
+    /// The role has USAGE and CREATE on schema `pgds` (false when it does not exist).
+    pub usable: bool,
+    /// The role has CREATE on the database: it may create schema `pgds` (and publications).
+    pub create_on_database: bool,
+}
+
+impl SchemaAccess {
+    /// The migrations can run: the schema is usable, or missing and the role may create it.
+    pub fn is_ok(&self) -> bool {
+        if self.exists {
+            self.usable
+        } else {
+            self.create_on_database
+        }
+    }
+}
+
+/// Whether a publication named `name` exists.
+pub async fn publication_exists(
+    client: &Client,
+    name: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = $1)",
+            &[&name],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+pub async fn schema_access(client: &Client) -> Result<SchemaAccess, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT current_database()::text, n.oid IS NOT NULL, \
+                    COALESCE(has_schema_privilege(n.oid, 'USAGE') \
+                             AND has_schema_privilege(n.oid, 'CREATE'), false), \
+                    has_database_privilege(current_database(), 'CREATE') \
+             FROM (SELECT 1) AS one LEFT JOIN pg_namespace n ON n.nspname = 'pgds'",
+            &[],
+        )
+        .await?;
+    Ok(SchemaAccess {
+        database: row.get(0),
+        exists: row.get(1),
+        usable: row.get(2),
+        create_on_database: row.get(3),
+    })
 }
 
 /// Register the user-defined types (enums, domains, arrays of them…) with the registry.

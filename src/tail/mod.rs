@@ -213,7 +213,12 @@ impl Tail {
                 (true, Live::Sse) => self.sse().await?,
             };
             match step {
-                Step::Read { up_to_date } => caught_up = up_to_date,
+                Step::Read { up_to_date } => {
+                    if up_to_date && !caught_up {
+                        debug!(offset = %self.position.offset, "caught up with the stream");
+                    }
+                    caught_up = up_to_date;
+                }
                 Step::Eof => {
                     info!(offset = %self.position.offset, "the stream is closed: end of stream");
                     return Ok(());

@@ -2,7 +2,8 @@
 // (examples/demo.toml) → the Rust durable-streams-server → examples/web/server.mjs (page + proxy)
 // → the page, which reads one user's stream with the official client. Rows of that user appear,
 // change and disappear as SQL changes them; another user's never show; switching user reads
-// only the new user's stream. Screenshots go to tests/node/artifacts/.
+// only the new user's stream; a TRUNCATE (pgds re-sends the state after a `reset`) drops the
+// stale rows, live and on a fresh read. Screenshots go to tests/node/artifacts/.
 //
 // Needs Chromium at /usr/bin/chromium (apt-get install -y chromium) or PGDS_CHROMIUM.
 
@@ -199,6 +200,42 @@ describe('the web demo in headless Chromium', () => {
         `after the switch the page read only bob's stream: ${JSON.stringify(after)}`,
       );
       await page.screenshot({ path: path.join(ARTIFACTS, 'web-bob.png') });
+      assert.deepStrictEqual(pageErrors, [], 'no uncaught errors in the page');
+    });
+  });
+
+  test('a TRUNCATE resets the page: stale rows go, the state comes again', async () => {
+    await stack.guard(async () => {
+      // The page is bob's, live, with rows that the TRUNCATE makes stale.
+      assert.match(page.url(), /\?user=bob$/);
+      assert.ok((await waitForTodosOf('bob')).length >= 2);
+      await sql(`
+        BEGIN;
+        TRUNCATE todos;
+        INSERT INTO todos (owner_id, title) VALUES ('bob', 'After the truncate');
+        COMMIT;
+      `);
+      // pgds re-sends bob's state after a reset: only the row written after the TRUNCATE, and
+      // the rows of the other tables (the document, the announcement) again.
+      await waitForTodosOf('bob', 'the page to drop the truncated todos and list the new one');
+      assert.deepStrictEqual((await shownTodos()).map((t) => t.title), ['After the truncate']);
+      await page.locator('[data-testid=document]', { hasText: 'Trip plan' }).waitFor({ timeout: TIMEOUT_MS });
+      await page.locator('[data-testid=news]', { hasText: 'Welcome to pgds!' }).waitFor({ timeout: TIMEOUT_MS });
+      const res = await fetch(`${web.url}/v1/stream/user/bob/data?offset=-1`);
+      const events = await res.json();
+      const reset = events.findIndex((e) => e?.headers?.control === 'reset');
+      assert.ok(reset > 0, 'bob\'s stream holds a reset after its first rows');
+      assert.equal(events[reset + 1]?.headers?.control, 'snapshot-start', 'the state follows the reset');
+      await page.screenshot({ path: path.join(ARTIFACTS, 'web-bob-truncated.png') });
+
+      // Read from the beginning, through the reset: alice's truncated todos do not come back.
+      await page.getByTestId('user-alice').click();
+      await page.waitForURL(/\?user=alice$/, { timeout: TIMEOUT_MS });
+      await page.locator('#status[data-state=live]').waitFor({ timeout: TIMEOUT_MS });
+      await waitForTodosOf('alice', 'alice’s page to list no todo after the TRUNCATE');
+      assert.equal(await page.locator('[data-testid=todo]').count(), 0);
+      assert.ok(await page.locator('#todos-empty').isVisible(), 'the empty list says so');
+      await page.locator('[data-testid=document]', { hasText: 'Trip plan' }).waitFor({ timeout: TIMEOUT_MS });
       assert.deepStrictEqual(pageErrors, [], 'no uncaught errors in the page');
     });
   });

@@ -142,8 +142,10 @@ linger_ms = 2
         .await;
     }
 
-    /// Wait until pgds streams from its slot (the slot exists and is active): every change
-    /// committed from then on reaches the streams through replication. Panics if pgds exits.
+    /// Wait until pgds streams from its slot: the slot is active and its walsender has started
+    /// replication (past `startup`, so an initial copy, made while the slot's creating session
+    /// waits, is over). Every change committed from then on reaches the streams through
+    /// replication, and DDL no longer races the copy. Panics if pgds exits.
     pub async fn wait_streaming(&self, pgds: &mut Pgds) {
         let client = self.client().await;
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -151,7 +153,10 @@ linger_ms = 2
             pgds.assert_running();
             let active: Option<bool> = client
                 .query_opt(
-                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                    "SELECT r.active AND COALESCE(w.state <> 'startup', false) \
+                     FROM pg_replication_slots r \
+                     LEFT JOIN pg_stat_replication w ON w.pid = r.active_pid \
+                     WHERE r.slot_name = $1",
                     &[&self.slot],
                 )
                 .await

@@ -1,7 +1,10 @@
 // The web demo: one user's todos, live. The page reads only that user's Durable Stream
 // (/v1/stream/user/{id}/data, written by pgds) with the official client, from the beginning,
 // then stays live (SSE): each State Protocol event (insert / update / delete of a row, keyed by
-// type and key) is applied to an in-memory map and the lists are re-rendered.
+// type and key) is applied to an in-memory map and the lists are re-rendered. A `reset`
+// control message (pgds sends one before it re-sends a user's state, e.g. after a TRUNCATE or
+// a resync) drops every row; the rows that follow, between `snapshot-start` and
+// `snapshot-end`, are the state again, shown once complete.
 //
 // `@durable-streams/state`'s MaterializedState does the same bookkeeping; it is inlined here to
 // keep the bundle to the client alone.
@@ -22,10 +25,27 @@ const el = (tag, attrs = {}, ...children) => {
   return node;
 };
 
-/** type → Map(key → row), as a State Protocol client materializes it. */
-function apply(state, event) {
+/**
+ * Apply one event to the session's state (type → Map(key → row)), as a State Protocol client
+ * materializes it. Control messages: `reset` drops every row; `snapshot-start` / `snapshot-end`
+ * bracket a copy of rows, during which the page is not re-rendered (no half-copied state).
+ */
+function apply(session, event) {
+  const { state } = session;
+  switch (event?.headers?.control) {
+    case 'reset':
+      state.clear();
+      return;
+    case 'snapshot-start':
+      session.inSnapshot = true;
+      return;
+    case 'snapshot-end':
+      session.inSnapshot = false;
+      return;
+    default:
+  }
   const op = event?.headers?.operation;
-  if (!op || typeof event.type !== 'string') return; // control messages (reset, snapshot-*)
+  if (!op || typeof event.type !== 'string') return; // other control messages
   let rows = state.get(event.type);
   if (!rows) state.set(event.type, (rows = new Map()));
   if (op === 'delete') rows.delete(event.key);
@@ -99,6 +119,7 @@ function open(user) {
     user,
     url: new URL(`/v1/stream/user/${encodeURIComponent(user)}/data`, location.href).toString(),
     state: new Map(),
+    inSnapshot: false,
     events: 0,
     offset: '',
     live: false,
@@ -145,10 +166,10 @@ function open(user) {
       session.res = res;
       res.subscribeJson((batch) => {
         if (session.stopped) return;
-        for (const event of batch.items) apply(session.state, event);
+        for (const event of batch.items) apply(session, event);
         session.events += batch.items.length;
         session.offset = batch.offset;
-        render(session);
+        if (!session.inSnapshot) render(session);
         if (batch.upToDate) {
           session.live = true;
           setStatus('live', 'live');
