@@ -336,7 +336,7 @@ impl Default for RawBatch {
             linger_ms: 0,
             linger_under_load_ms: 100,
             max_in_flight: 256,
-            max_buffered_bytes: 32 << 20,
+            max_buffered_bytes: 64 << 20,
             request_timeout_ms: 30_000,
             max_backoff_ms: 30_000,
         }

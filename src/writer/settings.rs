@@ -38,7 +38,7 @@ impl WriterSettings {
     pub const DEFAULT_LINGER: Duration = Duration::ZERO;
     pub const DEFAULT_LINGER_UNDER_LOAD: Duration = Duration::ZERO;
     pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
-    pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 32 << 20;
+    pub const DEFAULT_MAX_BUFFERED_BYTES: usize = 64 << 20;
     pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
     pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -111,7 +111,7 @@ mod tests {
         s.validate().unwrap();
         assert_eq!(s.max_batch_bytes, 1 << 20);
         assert_eq!(s.max_in_flight, 256);
-        assert_eq!(s.max_buffered_bytes, 32 << 20);
+        assert_eq!(s.max_buffered_bytes, 64 << 20);
         assert_eq!(s.request_timeout, Duration::from_secs(30));
         assert_eq!(s.max_backoff, Duration::from_secs(30));
     }

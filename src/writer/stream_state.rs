@@ -54,7 +54,6 @@ impl Memory {
         self.map.insert(path, memo);
     }
 
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.map.len()
     }
