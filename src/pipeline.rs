@@ -420,7 +420,7 @@ async fn session(
         router,
         relations: RelationCache::default(),
         types: prepared.types.clone(),
-        types_announced: false,
+        types_announced: Vec::new(),
         client: client.clone(),
         assembler: Assembler::new(
             cfg.batch.max_bytes,
@@ -643,9 +643,9 @@ struct SessionState {
     router: Router,
     relations: RelationCache,
     types: TypeRegistry,
-    /// A `Type` message announced a type (one created or altered since the registry was
-    /// loaded): reload the registry before the next message converts values.
-    types_announced: bool,
+    /// Types announced by `Type` messages (created or altered since the registry was loaded):
+    /// the registry is reloaded before the next message converts values.
+    types_announced: Vec<u32>,
     /// The catalog connection of the session.
     client: Arc<tokio_postgres::Client>,
     assembler: Assembler,
@@ -699,6 +699,8 @@ impl Stall {
 }
 
 const MAX_CACHED_PATHS: usize = 100_000;
+/// How long announced types may take to become visible in the catalog.
+const TYPES_VISIBLE_WAIT: Duration = Duration::from_secs(2);
 
 /// Where routed events go.
 type EmitFn<'a> = &'a mut dyn FnMut(&str, &Bytes);
@@ -768,9 +770,8 @@ impl SessionState {
                     lsn: wal_start.into(),
                     source,
                 })?;
-                if self.types_announced && !matches!(msg, Message::Type { .. }) {
-                    catalog::load_types(&self.client, &mut self.types).await?;
-                    self.types_announced = false;
+                if !self.types_announced.is_empty() && !matches!(msg, Message::Type { .. }) {
+                    self.reload_types().await?;
                 }
                 self.handle_message(msg)?;
                 self.send_parts(parts).await?;
@@ -787,6 +788,34 @@ impl SessionState {
             ReplicationEvent::StoppedAt { .. } => return Err(PipelineError::StreamEnded),
         }
         Ok(())
+    }
+
+    /// Reload the type catalog for the types pgoutput announced. The transaction that created
+    /// them has committed (it is being decoded), but a new snapshot may not see it for a moment
+    /// (its commit record is written before its backend leaves the running transactions): the
+    /// load is repeated until the announced types are there, for up to `TYPES_VISIBLE_WAIT`.
+    async fn reload_types(&mut self) -> Result<(), PipelineError> {
+        let announced = std::mem::take(&mut self.types_announced);
+        let deadline = Instant::now() + TYPES_VISIBLE_WAIT;
+        loop {
+            catalog::load_types(&self.client, &mut self.types).await?;
+            let missing: Vec<u32> = announced
+                .iter()
+                .copied()
+                .filter(|&oid| !self.types.contains(oid))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                warn!(
+                    ?missing,
+                    "announced types are not in the catalog: their values convert as text"
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     fn handle_message(&mut self, msg: Message) -> Result<(), PipelineError> {
@@ -829,7 +858,7 @@ impl SessionState {
             }
             Message::Type { oid, name, .. } => {
                 debug!(oid, %name, "type announced");
-                self.types_announced = true;
+                self.types_announced.push(oid);
                 return Ok(());
             }
             Message::Origin { name, .. } => {
