@@ -20,6 +20,21 @@ async fn get(url: &str) -> (u16, String) {
     }
 }
 
+/// A config routing `todos` by owner, with the operations endpoint on `port` (`[metrics]` keys
+/// in `extra`).
+fn todos_with_metrics(env: &TestEnv, port: u16, extra: &str) -> String {
+    env.config(&format!(
+        r#"
+[[tables]]
+name = "public.todos"
+route = {{ column = "owner_id" }}
+
+[metrics]
+listen = "127.0.0.1:{port}"
+{extra}"#
+    ))
+}
+
 /// The value of an unlabelled metric line, or of a labelled one given with its labels.
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -32,16 +47,7 @@ async fn health_readiness_and_metrics() {
     let db = env.client().await;
     db.batch_execute(SCHEMA).await.unwrap();
     let port = free_port();
-    let config = env.config(&format!(
-        r#"
-[[tables]]
-name = "public.todos"
-route = {{ column = "owner_id" }}
-
-[metrics]
-listen = "127.0.0.1:{port}"
-"#
-    ));
+    let config = todos_with_metrics(&env, port, "");
     let mut pgds = Pgds::spawn(&config);
     let base = format!("http://127.0.0.1:{port}");
     wait_for(TIMEOUT, "/healthz to answer 200", async || {
@@ -113,17 +119,7 @@ async fn readiness_fails_while_lagging_or_not_streaming() {
         .await
         .unwrap();
     let port = free_port();
-    let config = env.config(&format!(
-        r#"
-[[tables]]
-name = "public.todos"
-route = {{ column = "owner_id" }}
-
-[metrics]
-listen = "127.0.0.1:{port}"
-ready_max_lag_secs = 2
-"#
-    ));
+    let config = todos_with_metrics(&env, port, "ready_max_lag_secs = 2\n");
     let mut pgds = Pgds::spawn_with_env(&config, &[("PGDS__BATCH__MAX_BACKOFF_MS", "500")]);
     let base = format!("http://127.0.0.1:{port}");
     let (healthz, readyz) = (format!("{base}/healthz"), format!("{base}/readyz"));

@@ -178,6 +178,16 @@ async fn start() -> (TestEnv, tokio_postgres::Client, Pgds) {
     (env, db, pgds)
 }
 
+/// [`start`], then two rows of alice's in her stream.
+async fn start_with_two_rows() -> (TestEnv, tokio_postgres::Client, Pgds) {
+    let (env, db, pgds) = start().await;
+    insert(&db, 1, "alice").await;
+    insert(&db, 2, "alice").await;
+    env.events_until("alice", |e| has(e, "insert todos 2"))
+        .await;
+    (env, db, pgds)
+}
+
 async fn insert(db: &tokio_postgres::Client, id: i64, owner: &str) {
     db.execute(
         "INSERT INTO todos (id, owner_id, title) VALUES ($1, $2, 'x')",
@@ -296,11 +306,7 @@ async fn offset_file_resumes_where_the_last_run_stopped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_catches_up_follows_and_waits_for_a_stream_to_appear() {
-    let (env, db, _pgds) = start().await;
-    insert(&db, 1, "alice").await;
-    insert(&db, 2, "alice").await;
-    env.events_until("alice", |e| has(e, "insert todos 2"))
-        .await;
+    let (env, db, _pgds) = start_with_two_rows().await;
 
     let config = env.config(TODOS_RULE);
     let mut alice = Tail::spawn(&config, &["--user", "alice", "--live", "sse"]);
@@ -339,11 +345,7 @@ async fn sse_catches_up_follows_and_waits_for_a_stream_to_appear() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offset_now_prints_only_what_comes_after_the_start() {
-    let (env, db, _pgds) = start().await;
-    insert(&db, 1, "alice").await;
-    insert(&db, 2, "alice").await;
-    env.events_until("alice", |e| has(e, "insert todos 2"))
-        .await;
+    let (env, db, _pgds) = start_with_two_rows().await;
 
     let config = env.config(TODOS_RULE);
     let mut tails = [
