@@ -5,8 +5,8 @@
 //! rows twice. Instead, inside the exported snapshot and before anything is appended, each
 //! configured table (and the users of `[users]`) is copied with `CREATE UNLOGGED TABLE … AS`
 //! into schema `pgds`, and the list is recorded in `pgds.frozen` in the same transaction. A
-//! table routed by a column is frozen in the order of that column, so the copy meets each
-//! user's rows together and appends them in few large requests instead of a row at a time. The
+//! table routed by a column is frozen sorted by that column (its text form), so the copy meets
+//! each user's rows together and appends them in few large requests instead of a row at a time. The
 //! copy then reads the frozen tables, in their (stable) physical order, and is a pure function
 //! of them and of the configuration recorded as a fingerprint: a restart replays it identically,
 //! with the same `Stream-Seq`s, and the streams server refuses the parts it already holds.
@@ -105,7 +105,12 @@ pub async fn freeze(
             .join(", ");
         let mut select = format!("SELECT {list} FROM {}", quote_table(table));
         if let Some(column) = order {
-            select.push_str(&format!(" ORDER BY {}", quote_ident(column)));
+            // By the text form: every type has one (not every type has an ordering, e.g.
+            // json), equal values group together, and bytewise comparison is the cheapest.
+            select.push_str(&format!(
+                " ORDER BY {}::text COLLATE \"C\"",
+                quote_ident(column)
+            ));
         }
         frozen.tables.push(freeze_one(db, table, &select).await?);
     }
