@@ -18,7 +18,7 @@ use tracing::info;
 
 use super::{PipelineError, SessionState, resync};
 use crate::assemble::Assembler;
-use crate::config::{Route, TableName};
+use crate::config::{TableName, routing_column};
 use crate::lsn::Lsn;
 use crate::metrics::{METRICS, unix_micros};
 use crate::router::event::TxMeta;
@@ -108,12 +108,10 @@ impl SessionState {
             .tables
             .iter()
             .map(|t| {
-                let order = match &t.route {
-                    Route::Column(column) => Some(column.as_str()),
-                    Route::Via(via) => Some(via.scope.as_str()),
-                    Route::All => None,
-                };
-                (t.table.clone(), order)
+                (
+                    t.table.clone(),
+                    routing_column(&t.route).map(String::as_str),
+                )
             })
             .collect();
         let users = cfg.users.as_ref().map(|u| (&u.table, u.column.as_str()));
