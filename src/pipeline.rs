@@ -438,7 +438,6 @@ async fn session(
         resyncs: resync::Resyncs::default(),
         holders,
         stall: Stall {
-            client: client.clone(),
             slot: pg.slot.clone(),
             shutdown: shutdown.clone(),
             warned_unreserved: false,
@@ -671,18 +670,17 @@ struct SessionState {
 /// the replication connection then, so a slot that Postgres invalidates (and whose walsender it
 /// terminates) or a shutdown request would go unnoticed until the sink caught up.
 struct Stall {
-    client: Arc<tokio_postgres::Client>,
     slot: String,
     shutdown: watch::Receiver<bool>,
     warned_unreserved: bool,
 }
 
 impl Stall {
-    async fn check(&mut self) -> Result<(), PipelineError> {
+    async fn check(&mut self, client: &tokio_postgres::Client) -> Result<(), PipelineError> {
         if *self.shutdown.borrow() {
             return Err(PipelineError::ShutdownWhilePaused);
         }
-        match slot::wal_status(&self.client, &self.slot).await?.as_deref() {
+        match slot::wal_status(client, &self.slot).await?.as_deref() {
             Some("lost") => Err(SlotError::Invalidated {
                 slot: self.slot.clone(),
             }
@@ -974,7 +972,7 @@ impl SessionState {
                 Err(mpsc::error::TrySendError::Full(())) => loop {
                     match tokio::time::timeout(STALL_CHECK_INTERVAL, tx.reserve()).await {
                         Ok(permit) => break permit.map_err(|_| PipelineError::StreamEnded)?,
-                        Err(_) => self.stall.check().await?,
+                        Err(_) => self.stall.check(&self.client).await?,
                     }
                 },
             };
