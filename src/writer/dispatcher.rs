@@ -111,7 +111,8 @@ const PART_OVERHEAD: usize = 512;
 
 /// What each stream pgds knows costs while idle, measured with 100k idle streams (heaptrack,
 /// 35 MB of live heap): the writer's memo of it (map slot, tail offset, path) and the pipeline's
-/// entries for its user (path cache, table bits).
+/// entries for its user (path cache, table bits). Counted for active streams too, whose writer
+/// state `PART_OVERHEAD` already covers: the bound errs on the safe side.
 const STREAM_STATE_BYTES: usize = 350;
 
 fn parts_budget(max_buffered_bytes: usize, known_streams: usize) -> usize {

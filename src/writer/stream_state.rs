@@ -61,8 +61,8 @@ impl Memory {
 
 /// An active stream: it holds at least one part, or a request for it is in flight.
 ///
-/// Kept small (one lives inline in the dispatcher's map per active stream): no URL (it is built
-/// from the path for each send), and a batch waiting to retry is boxed (rare).
+/// Kept small (one per active stream, boxed in the dispatcher's map): no URL (it is built from
+/// the path for each send), and a batch waiting to retry is boxed (rare).
 #[derive(Debug)]
 pub(crate) struct StreamState {
     /// The stream is known to exist on the server (no PUT needed before a POST).
